@@ -1,0 +1,3 @@
+from phxbroker.cli import main
+
+main()
