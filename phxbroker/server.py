@@ -1,0 +1,282 @@
+"""`phxbroker serve`: one Trio nursery holding the listener, one task per connection, the
+broker task (sole owner of broker state), the idle sweeper and the signal handler."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import math
+import signal
+import socket
+from typing import Any
+
+import trio
+
+from phxbroker.auth import Authenticator
+from phxbroker.broker import Broker
+from phxbroker.config import Config, ConfigError, load_config
+from phxbroker.frontdoor import FrontDoor
+from phxbroker.sockets import SocketHub, close_socket
+from phxbroker.stats import Stats
+from phxbroker.websocket import CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSING, OPEN, WebSocketPeer
+
+log = logging.getLogger("phxbroker")
+
+BROKER_QUEUE = 4096  # commands waiting for the broker; a full queue slows readers down
+MAX_BATCH = 256  # commands the broker runs before it flushes sockets
+ACCEPT_BATCH = 64
+SWEEP_INTERVAL = 1.0
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+SHUTDOWN_GRACE = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (e.g. the port is taken); one sentence for the operator."""
+
+
+class Server:
+    """The running daemon's shared parts; `serve()` runs it until cancelled or signalled."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.hub = SocketHub(self.stats)
+        self.authenticator = Authenticator(config.auth)
+        self.broker = Broker(config, self.stats, clock=trio.current_time)
+        self.frontdoor = FrontDoor(self)
+        self.commands, self._inbox = trio.open_memory_channel[Any](BROKER_QUEUE)
+        self.connections: set[WebSocketPeer] = set()
+        self._peer_ids = itertools.count(1)
+        self.listen_address: tuple[str, int] | None = None
+        self._listener: socket.socket | None = None
+        self._all_closed = trio.Event()
+        self._apply_limits(config)
+
+    def _apply_limits(self, config: Config) -> None:
+        self.hub.outbox_limit = config.server.outbox_limit
+        self.hub.max_frame_size = config.server.max_frame_size
+
+    def next_peer_id(self) -> int:
+        return next(self._peer_ids)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled; SIGTERM/SIGINT end it cleanly."""
+        self._listener = self._bind()
+        self.listen_address = self._listener.getsockname()[:2]
+        try:
+            async with trio.open_nursery() as nursery:
+                self.hub.attach(nursery)
+                self.hub.now = trio.current_time()
+                nursery.start_soon(self._run_broker)
+                nursery.start_soon(self._sweep)
+                nursery.start_soon(self._handle_signals, nursery)
+                nursery.start_soon(self._accept, nursery)
+                host, port = self.listen_address
+                log.info(
+                    "listening on http://%s:%d", host if ":" not in host else f"[{host}]", port
+                )
+                task_status.started(self.listen_address)
+        finally:
+            if self._listener is not None:
+                close_socket(self._listener)
+
+    def _bind(self) -> socket.socket:
+        cfg = self.config.server
+        family = socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((cfg.listen_host, cfg.listen_port))
+            sock.listen(4096)
+        except OSError as exc:
+            sock.close()
+            reason = (
+                "the address is already in use"
+                if exc.errno == errno.EADDRINUSE
+                else (exc.strerror or str(exc)).lower()
+            )
+            raise StartupError(f"cannot listen on {cfg.listen}: {reason}") from None
+        sock.setblocking(False)
+        return sock
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
+        listener = self._listener
+        assert listener is not None
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(listener)
+            except trio.ClosedResourceError:
+                return
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self.stats.count_refusal("out_of_file_descriptors")
+                        log.error("cannot accept connections: %s", exc.strerror)
+                        await trio.sleep(0.1)  # back off until descriptors free up
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(self._serve_connection, sock, _format_addr(addr))
+
+    async def _serve_connection(self, sock: socket.socket, remote: str) -> None:
+        try:
+            await self.frontdoor.serve(sock, remote)
+        except OSError:
+            pass  # the client went away mid-request
+        except Exception:
+            log.exception("internal error while serving %s", remote)
+        finally:
+            close_socket(sock)
+
+    async def run_peer(self, peer: WebSocketPeer, trailing_data: bytes) -> None:
+        """Run an upgraded websocket connection until it ends, registered with the broker."""
+        self.stats.connections_total += 1
+        self.stats.connections_open += 1
+        self.connections.add(peer)
+        log.debug("connected %s", peer)
+        try:
+            await self.commands.send((self.broker.connect, (peer,)))
+            await peer.run(self.commands, self.broker.handle, trailing_data)
+        finally:
+            self.connections.discard(peer)
+            if not self.connections:
+                self._all_closed.set()
+            self.stats.connections_open -= 1
+            await self._tell_broker(self.broker.disconnect, peer)
+            peer.finish()
+            log.debug("disconnected %s", peer)
+
+    async def _tell_broker(self, fn: Any, *args: Any) -> None:
+        """Queue a command even while being cancelled (cleanup must reach the broker)."""
+        try:
+            self.commands.send_nowait((fn, args))
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(SHUTDOWN_GRACE),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self.commands.send((fn, args))
+
+    async def _run_broker(self) -> None:
+        broker = self.broker
+        inbox = self._inbox
+        hub = self.hub
+        while True:
+            deadline = broker.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                command = await inbox.receive()
+                _run_command(command)
+                for _ in range(MAX_BATCH - 1):
+                    try:
+                        command = inbox.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    _run_command(command)
+            broker.tick()
+            hub.flush()
+
+    async def _sweep(self) -> None:
+        """Close connections silent for idle_timeout; abort ones stuck closing."""
+        hub = self.hub
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            now = hub.now = trio.current_time()
+            idle_after = self.config.server.idle_timeout
+            for peer in list(self.connections):
+                if peer.state == OPEN and now - peer.last_rx > idle_after:
+                    log.info("closing %s: nothing received for %g s", peer, idle_after)
+                    peer.close(CLOSE_IDLE)
+                elif peer.state == CLOSING and now - peer.closing_since > CLOSE_HANDSHAKE_TIMEOUT:
+                    peer.abort()
+            hub.flush()
+
+    async def _handle_signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    await self.shutdown()
+                    nursery.cancel_scope.cancel()
+                    return
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every websocket with 1001 so clients reconnect elsewhere,
+        and give them a moment to answer."""
+        if self._listener is not None:
+            close_socket(self._listener)
+            self._listener = None
+        for peer in list(self.connections):
+            peer.close(CLOSE_GOING_AWAY, "server shutting down")
+        self.hub.flush()
+        if self.connections:
+            self._all_closed = trio.Event()
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                await self._all_closed.wait()
+
+    async def reload(self) -> bool:
+        """Re-read the config file; a broken one is refused and the old one stays."""
+        path = self.config.path
+        if path is None:
+            return False
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        if (new.server.listen_host, new.server.listen_port) != (
+            self.config.server.listen_host,
+            self.config.server.listen_port,
+        ):
+            log.warning("reload: a new listen address takes effect only after a restart")
+        self.config = new
+        self.authenticator = Authenticator(new.auth)
+        self._apply_limits(new)
+        await self.commands.send((self._apply_in_broker, (new,)))
+        log.info("reloaded config from %s", path)
+        return True
+
+    def _apply_in_broker(self, config: Config) -> None:
+        self.broker.configure(config)
+        for peer in list(self.broker.peers):
+            if not self.authenticator.credential_valid(getattr(peer, "credential", None)):
+                log.info("closing %s: its credential is no longer accepted", peer)
+                self.broker.disconnect(peer)
+                peer.close(CLOSE_GOING_AWAY, "credential revoked")
+
+
+def _run_command(command: tuple[Any, tuple[Any, ...]]) -> None:
+    fn, args = command
+    try:
+        fn(*args)
+    except Exception:
+        # A bug must not take every connection down with the broker task.
+        log.exception("internal error in broker command %s", getattr(fn, "__name__", fn))
+
+
+def _format_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr)
+
+
+async def serve(config: Config) -> None:
+    """Run the daemon until a signal stops it."""
+    await Server(config).serve()

@@ -1,0 +1,294 @@
+"""The WebSocket transport after the upgrade: one task per connection reads, the hub writes.
+
+Inbound frames are parsed by wsproto. Outbound frames are built here: a server frame is
+unmasked, so a broadcast's frame bytes are identical for every subscriber with the same
+serializer and are built once per broadcast (cached on the Broadcast).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from phxbroker import protocol
+from phxbroker.protocol import ProtocolError, Serializer
+from phxbroker.sockets import RECV_SIZE, SocketHub, close_socket, shutdown
+
+if TYPE_CHECKING:
+    from phxbroker.broker import Broadcast, Channel
+
+log = logging.getLogger("phxbroker.websocket")
+
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_IDLE = 1002  # what Bandit sends on idle timeout; phoenix.js reconnects
+CLOSE_TOO_BIG = 1009
+CLOSE_ERROR = 1011
+
+OPEN, CLOSING, CLOSED = 0, 1, 2
+
+# Close codes a peer may put on the wire; others are answered with a plain 1000.
+_SENDABLE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked server frame."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    return encode_frame(CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+
+
+class WebSocketPeer:
+    """A connected websocket client as the broker sees it, with its outbox."""
+
+    transport = "websocket"
+
+    __slots__ = (
+        "blocked",
+        "channels",
+        "closing_since",
+        "credential",
+        "dirty",
+        "hub",
+        "id",
+        "last_rx",
+        "pending",
+        "pending_size",
+        "remote",
+        "serializer",
+        "sock",
+        "state",
+        "user",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        hub: SocketHub,
+        *,
+        peer_id: int,
+        remote: str,
+        serializer: Serializer,
+        user: str | None,
+        credential: object = None,
+    ) -> None:
+        self.sock = sock
+        self.hub = hub
+        self.id = peer_id
+        self.remote = remote
+        self.serializer = serializer
+        self.user = user
+        self.credential = credential
+        self.channels: dict[str, Channel] = {}
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.dirty = False
+        self.blocked = False
+        self.state = OPEN
+        self.last_rx = hub.now
+        self.closing_since = 0.0
+
+    def __repr__(self) -> str:
+        return f"<websocket {self.id} {self.user or 'anonymous'}@{self.remote}>"
+
+    # -- the broker's side ---------------------------------------------------------------
+
+    def send(self, encoded: tuple[bool, bytes]) -> None:
+        is_binary, data = encoded
+        self.hub.stats.messages_out += 1
+        self._write(encode_frame(BINARY if is_binary else TEXT, data))
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        frames = broadcast.frames
+        frame = frames.get(self.serializer)
+        if frame is None:
+            encoded = broadcast.encoded(self.serializer)
+            frame = (
+                b"" if encoded is None else encode_frame(BINARY if encoded[0] else TEXT, encoded[1])
+            )
+            frames[self.serializer] = frame
+        if frame:
+            self._write(frame)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Queue a close frame after what is already queued; the client's answer ends it."""
+        if self.state != OPEN:
+            return
+        self._write(close_frame(code, reason))
+        self.state = CLOSING
+        self.closing_since = self.hub.now
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.state != OPEN:
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > self.hub.outbox_limit:
+            self._drop_slow()
+            return
+        if not self.dirty:
+            self.dirty = True
+            self.hub.dirty.append(self)
+
+    def flush(self) -> None:
+        """Write what is queued without blocking; a full socket gets a drain task."""
+        self.dirty = False
+        if self.blocked or not self.pending or self.state == CLOSED:
+            return
+        pending = self.pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        self.hub.stats.bytes_out += sent
+        if sent == len(data):
+            pending.clear()
+            self.pending_size = 0
+            if self.state == CLOSING:
+                shutdown(self.sock, socket.SHUT_WR)
+            return
+        self.pending = [data[sent:]]
+        self.pending_size = len(data) - sent
+        self.blocked = True
+        self.hub.spawn(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending and self.state != CLOSED:
+                await trio.lowlevel.wait_writable(self.sock)
+                pending = self.pending
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    continue
+                self.hub.stats.bytes_out += sent
+                self.pending = [data[sent:]] if sent < len(data) else []
+                self.pending_size = len(data) - sent
+        except (OSError, trio.ClosedResourceError):
+            self.abort()
+            return
+        finally:
+            self.blocked = False
+        if self.state == CLOSING:
+            shutdown(self.sock, socket.SHUT_WR)
+
+    def _drop_slow(self) -> None:
+        self.hub.stats.slow_client_drops += 1
+        log.warning(
+            "dropping slow client %s: more than %d bytes queued", self, self.hub.outbox_limit
+        )
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now; the read loop wakes up and cleans up."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.pending = []
+        self.pending_size = 0
+        shutdown(self.sock, socket.SHUT_RDWR)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def run(
+        self, commands: trio.MemorySendChannel[Any], handle: Any, trailing_data: bytes = b""
+    ) -> None:
+        """Read until the connection ends; client messages go to the broker in order."""
+        ws = Connection(ConnectionType.SERVER)
+        hub = self.hub
+        stats = hub.stats
+        sock = self.sock
+        parts: list[Any] = []
+        size = 0
+        data = trailing_data
+        while True:
+            if data:
+                self.last_rx = hub.now
+                stats.bytes_in += len(data)
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, TextMessage | BytesMessage):
+                        if self.state != OPEN:
+                            continue
+                        size += len(event.data)
+                        if size > hub.max_frame_size:
+                            log.info(
+                                "closing %s: message larger than %d bytes", self, hub.max_frame_size
+                            )
+                            self.close(CLOSE_TOO_BIG, "message too big")
+                            parts.clear()
+                            continue
+                        parts.append(event.data)
+                        if not event.message_finished:
+                            continue
+                        payload = parts[0] if len(parts) == 1 else type(parts[0])().join(parts)
+                        parts.clear()
+                        size = 0
+                        await self._on_message(payload, commands, handle)
+                    elif isinstance(event, Ping):
+                        self._write(encode_frame(PONG, event.payload))
+                    elif isinstance(event, CloseConnection) and self.state == OPEN:
+                        self.close(event.code if event.code in _SENDABLE else CLOSE_NORMAL)
+                if self.dirty:
+                    self.flush()
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return
+                data = None
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+
+    async def _on_message(
+        self, payload: str | bytes, commands: trio.MemorySendChannel[Any], handle: Any
+    ) -> None:
+        stats = self.hub.stats
+        try:
+            if isinstance(payload, str):
+                msg = self.serializer.decode_text(payload)
+            else:
+                msg = self.serializer.decode_binary(payload)
+        except ProtocolError as exc:
+            stats.protocol_errors += 1
+            log.info("closing %s: %s", self, exc)
+            self.close(CLOSE_ERROR)
+            return
+        stats.messages_in += 1
+        if msg.event == protocol.HEARTBEAT and msg.topic == protocol.HEARTBEAT_TOPIC:
+            self.send(self.serializer.encode_reply(None, msg.ref, msg.topic, "ok", {}))
+            return
+        await commands.send((handle, (self, msg)))
+
+    def finish(self) -> None:
+        """Release the socket once the read loop has ended."""
+        self.state = CLOSED
+        self.pending = []
+        close_socket(self.sock)

@@ -1,0 +1,290 @@
+"""Replay the golden transcripts captured from a real Phoenix server against phxbroker.
+
+Each transcript line is either a client action (a frame sent, a close, an HTTP request) or
+an expectation (a frame or close the server sent, an HTTP response). Actions are performed
+in order; for each expectation the named client's next frame is read and compared with the
+captured one after masking the fields the transcripts' README lists as varying. Frames of
+different clients are compared per client, since their relative order varies.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from phxbroker.config import parse_config
+from phxbroker.server import Server
+
+TRANSCRIPTS = Path(
+    os.environ.get(
+        "PHXBROKER_TRANSCRIPTS", Path(__file__).parent.parent.parent / "shared" / "transcripts"
+    )
+)
+FRAME_TIMEOUT = 5.0
+
+MASK = "<varies>"
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    with open(TRANSCRIPTS / f"{name}.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mask(value: Any, *, hits: bool = False) -> Any:
+    """Replace per-run values: presence phx_ref/online_at, and the global hit counter."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k in ("phx_ref", "phx_ref_prev", "online_at") or (hits and k == "hits"):
+                out[k] = MASK
+            else:
+                out[k] = mask(v, hits=hits)
+        return out
+    if isinstance(value, list):
+        return [mask(v, hits=hits) for v in value]
+    return value
+
+
+@asynccontextmanager
+async def serve(config_toml: str):
+    """A real phxbroker server on an ephemeral port, in this test's event loop."""
+    import tomllib
+
+    config = parse_config(tomllib.loads(config_toml), "<golden config>")
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(server.serve)
+        yield server, port
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Client:
+    name: str
+    ws: WebSocketConnection
+    v1: bool
+    closed: tuple[int, str] | None = None
+    refs: int = 0
+
+    async def next_frame(self) -> tuple[str, Any]:
+        """('text'|'binary', data) or ('close', code) for the next thing the server sent."""
+        try:
+            with trio.fail_after(FRAME_TIMEOUT):
+                msg = await self.ws.get_message()
+        except ConnectionClosed as exc:
+            return "close", exc.reason.code
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"client {self.name}: the server sent nothing for {FRAME_TIMEOUT} s"
+            ) from None
+        if isinstance(msg, bytes):
+            return "binary", msg
+        return "text", msg
+
+    async def barrier(self) -> None:
+        """A heartbeat round-trip: proves the server sent nothing unexpected before it."""
+        self.refs += 1
+        ref = f"barrier-{self.refs}"
+        if self.v1:
+            frame = json.dumps(
+                {"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": ref}
+            )
+        else:
+            frame = json.dumps([None, ref, "phoenix", "heartbeat", {}])
+        await self.ws.send_message(frame)
+        kind, data = await self.next_frame()
+        assert kind == "text", f"client {self.name}: expected the barrier reply, got {kind}"
+        value = json.loads(data)
+        got_ref = value.get("ref") if isinstance(value, dict) else value[1]
+        assert got_ref == ref, f"client {self.name}: unexpected frame before barrier: {data}"
+
+
+@dataclass
+class Replay:
+    port: int
+    scenario: str
+    clients: dict[str, Client] = field(default_factory=dict)
+    skip_events: frozenset[str] = frozenset()
+    pending_handshake: str | None = None
+
+    async def open(self, name: str, target: str) -> None:
+        query = urlsplit(target).query
+        v1 = "vsn=2" not in query
+        url = f"ws://127.0.0.1:{self.port}{_path_of(target)}"
+        ws = await self._nursery.start(_hold_websocket, url)
+        self.clients[name] = Client(name, ws, v1)
+
+    async def run(self, lines: list[dict[str, Any]]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for index, line in enumerate(lines):
+                await self.step(index, line, lines)
+            for client in self.clients.values():
+                if client.closed is None and not client.ws.closed:
+                    await client.barrier()
+            nursery.cancel_scope.cancel()
+
+    async def step(self, index: int, line: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+        where = f"{self.scenario} line {index + 1}"
+        kind, direction = line["opcode"], line["dir"]
+        client_name = line.get("client", "")
+        if direction == "note":
+            text = line["frame"]
+            if text.startswith("connect ws://"):
+                await self.open(client_name, text.removeprefix("connect "))
+            elif text.startswith("websocket handshake "):
+                target = text.removeprefix("websocket handshake ")
+                following = lines[index + 1] if index + 1 < len(lines) else {}
+                if following.get("client") == "ws-handshake":
+                    self.pending_handshake = target
+                else:
+                    await self.open(target, target)
+            return
+        if kind == "http":
+            if direction == "in" and client_name == "ws-handshake":
+                await self.expect_rejected_handshake(line["frame"], where)
+            elif direction == "out":
+                response = await http_request(self.port, line["frame"])
+                expected = lines[index + 1]
+                assert expected["dir"] == "in" and expected["opcode"] == "http", where
+                compare_http(response, expected["frame"], f"{where} (+1)")
+            return
+        client = self.clients[client_name]
+        if direction == "out":
+            if kind == "text":
+                await client.ws.send_message(line["frame"])
+            elif kind == "binary":
+                await client.ws.send_message(base64.b64decode(line["frame"]))
+            elif kind == "close":
+                await client.barrier()
+                client.closed = (line["frame"]["code"], "")
+                with trio.move_on_after(FRAME_TIMEOUT):
+                    await client.ws.aclose(line["frame"]["code"])
+            return
+        # direction == "in": an expectation
+        if kind == "close":
+            if client.closed is not None:
+                reason = client.ws.closed
+                assert reason is not None, f"{where}: the server never answered the close"
+                assert reason.code == line["frame"]["code"], f"{where}: close code {reason.code}"
+                return
+            got_kind, data = await self.next_relevant(client)
+            assert (got_kind, data) == ("close", line["frame"]["code"]), (
+                f"{where}: expected close {line['frame']['code']}, got {got_kind} {data!r}"
+            )
+            client.closed = (data, "")
+            return
+        expected_event = _event_of(line["frame"]) if kind == "text" else None
+        if expected_event in self.skip_events:
+            return
+        got_kind, data = await self.next_relevant(client)
+        assert got_kind == kind, f"{where}: expected a {kind} frame, got {got_kind} {data!r}"
+        if kind == "binary":
+            assert data == base64.b64decode(line["frame"]), f"{where}: binary frame differs"
+            return
+        hits = self.scenario.startswith("all_hits")
+        want = mask(json.loads(line["frame"]), hits=hits)
+        have = mask(json.loads(data), hits=hits)
+        assert have == want, f"{where}:\n  expected {line['frame']}\n  received {data}"
+
+    async def next_relevant(self, client: Client) -> tuple[str, Any]:
+        """The client's next frame, passing over events this replay does not compare."""
+        while True:
+            got_kind, data = await client.next_frame()
+            if not (got_kind == "text" and _event_of(data) in self.skip_events):
+                return got_kind, data
+
+    async def expect_rejected_handshake(self, frame: dict[str, Any], where: str) -> None:
+        assert self.pending_handshake is not None, where
+        url = f"ws://127.0.0.1:{self.port}{_path_of(self.pending_handshake)}"
+        self.pending_handshake = None
+        try:
+            async with open_websocket_url(url):
+                raise AssertionError(f"{where}: handshake was accepted, expected refusal")
+        except ConnectionRejected as exc:
+            assert exc.status_code == frame["status"], f"{where}: status {exc.status_code}"
+            assert (exc.body or b"") == frame["body"].encode(), f"{where}: body {exc.body!r}"
+
+
+async def _hold_websocket(url: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with open_websocket_url(url, message_queue_size=1000) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+def _path_of(target: str) -> str:
+    parts = urlsplit(target)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _event_of(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, list) and len(value) >= 4:
+        return value[3]
+    if isinstance(value, dict):
+        return value.get("event")
+    return None
+
+
+async def http_request(port: int, frame: dict[str, Any]) -> dict[str, Any]:
+    """Perform the captured HTTP request as a plain client would (Connection: close)."""
+    body = frame.get("body")
+    data = body.encode() if isinstance(body, str) else b""
+    headers = [
+        f"{frame['method']} {frame['path']} HTTP/1.1",
+        f"host: 127.0.0.1:{port}",
+        "connection: close",
+        f"content-length: {len(data)}",
+    ]
+    if frame.get("content_type"):
+        headers.append(f"content-type: {frame['content_type']}")
+    raw = ("\r\n".join(headers) + "\r\n\r\n").encode() + data
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(raw)
+        chunks = []
+        with trio.fail_after(15):
+            while chunk := await stream.receive_some():
+                chunks.append(chunk)
+    head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    response_headers = {}
+    for h in header_lines:
+        name, _, value = h.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return {
+        "status": int(status_line.split()[1]),
+        "headers": response_headers,
+        "body": rest.decode(),
+    }
+
+
+def compare_http(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    """Status and body must match; so must the CORS header where the capture has one."""
+    assert got["status"] == want["status"], f"{where}: status {got['status']} != {want['status']}"
+    if want.get("body", "").startswith("{"):
+        assert mask(json.loads(got["body"])) == mask(json.loads(want["body"])), (
+            f"{where}: body {got['body']!r} != {want['body']!r}"
+        )
+    else:
+        assert got["body"] == want.get("body", ""), f"{where}: body {got['body']!r}"
+    cors = want.get("headers", {}).get("access-control-allow-origin")
+    if cors is not None:
+        assert got["headers"].get("access-control-allow-origin") == cors, where
