@@ -391,6 +391,10 @@ class Broker:
             self._status_changed(topic, "hits")
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
+        elif event in rule.presence_update:
+            self._update_presence(peer, channel, payload)
+            if rule.ack:
+                self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         elif rule.unhandled == "error":
             self._send(
                 peer,
@@ -455,6 +459,16 @@ class Broker:
                     meta[key] = params[key]
         channel.phx_ref = topic.presence.track(self._presence_key(peer), meta)["phx_ref"]
         self._presence_changed(topic)
+
+    def _update_presence(self, peer: Peer, channel: Channel, payload: Any) -> None:
+        topic = channel.topic
+        if topic.presence is None or channel.phx_ref is None or not isinstance(payload, dict):
+            return
+        changes = {k: payload[k] for k in topic.rule.presence_meta if k in payload}
+        meta = topic.presence.update(self._presence_key(peer), channel.phx_ref, changes)
+        if meta is not None:
+            channel.phx_ref = meta["phx_ref"]
+            self._presence_changed(topic)
 
     def _presence_changed(self, topic: Topic) -> None:
         self._schedule_flush(topic)

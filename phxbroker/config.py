@@ -334,6 +334,7 @@ def _parse_topic(t: Table) -> TopicRule:
         count=frozenset(t.str_list("count")),
         presence=t.bool("presence", False),
         presence_meta=t.str_list("presence_meta"),
+        presence_update=frozenset(t.str_list("presence_update")),
         history=t.int("history", 0, minimum=0),
         status_event=t.str("status_event", ""),
         status_fields=status_fields,
@@ -345,13 +346,17 @@ def _parse_topic(t: Table) -> TopicRule:
         ack=t.bool("ack", False),
         unhandled=unhandled,
     )
-    overlap = (rule.relay & rule.echo) | (rule.relay & rule.count) | (rule.echo & rule.count)
+    if rule.presence_update and not rule.presence:
+        raise t.error("presence_update", "needs presence = true")
+    kinds = (rule.relay, rule.echo, rule.count, rule.presence_update)
+    overlap = {e for i, a in enumerate(kinds) for b in kinds[i + 1 :] for e in a & b}
     if overlap:
         raise t.error(
             "relay",
-            f"event {sorted(overlap)[0]!r} is listed under more than one of relay, echo and count",
+            f"event {sorted(overlap)[0]!r} is listed under more than one of "
+            "relay, echo, count and presence_update",
         )
-    for event in rule.relay | rule.echo | rule.count:
+    for event in rule.relay | rule.echo | rule.count | rule.presence_update:
         if event.startswith("phx_"):
             raise t.error("relay", f"event {event!r} is reserved by the protocol")
     t.done()

@@ -91,6 +91,7 @@ class TopicRule:
     count: frozenset[str] = frozenset()
     presence: bool = False
     presence_meta: tuple[str, ...] = ()
+    presence_update: frozenset[str] = frozenset()
     history: int = 0
     status_event: str = ""
     status_fields: tuple[str, ...] = ("users", "user_count", "hits", "msgs")

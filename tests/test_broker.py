@@ -1,0 +1,455 @@
+"""Broker state transitions, driven without sockets through fake peers and a fake clock."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tomllib
+from typing import Any
+
+import pytest
+
+from phxbroker.broker import Broadcast, Broker
+from phxbroker.config import parse_config
+from phxbroker.protocol import V1, V2, Message, Serializer
+
+_ids = itertools.count(1)
+
+CONFIG = """
+[server]
+max_channels = 3
+[[topics]]
+pattern = "room:*"
+join_reply = { joined = "{suffix}", by = "{user}" }
+relay = ["new_msg"]
+relay_user_key = "user"
+echo = ["ping"]
+count = ["hit"]
+presence = true
+presence_meta = ["status"]
+presence_update = ["set_status"]
+coalesce_ms = 100
+[[topics]]
+pattern = "users:{user}"
+join = "self"
+[[topics]]
+pattern = "crashy"
+unhandled = "crash"
+[[topics]]
+pattern = "quiet"
+unhandled = "ignore"
+[[topics]]
+pattern = "public"
+join = "anyone"
+[[topics]]
+pattern = "all"
+count = ["hit"]
+relay = ["msg"]
+history = 2
+status_event = "status_users"
+coalesce_ms = 100
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakePeer:
+    """Records what the broker sends, decoded back into lists for easy assertions."""
+
+    transport = "fake"
+
+    def __init__(self, user: str | None, serializer: Serializer = V2) -> None:
+        self.id = next(_ids)
+        self.user = user
+        self.serializer = serializer
+        self.remote = "test"
+        self.channels: dict = {}
+        self.frames: list[Any] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, encoded: tuple[bool, bytes]) -> None:
+        self.frames.append(_decode(encoded))
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        encoded = broadcast.encoded(self.serializer)
+        if encoded is not None:
+            self.frames.append(_decode(encoded))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def take(self) -> list[Any]:
+        frames, self.frames = self.frames, []
+        return frames
+
+    def events(self) -> list[str]:
+        return [f[3] if isinstance(f, list) else f["event"] for f in self.take()]
+
+
+def _decode(encoded: tuple[bool, bytes]) -> Any:
+    is_binary, data = encoded
+    return ("binary", data) if is_binary else json.loads(data)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def broker(clock: Clock) -> Broker:
+    return Broker(parse_config(tomllib.loads(CONFIG)), clock=clock, wall_clock=lambda: 1.7e9)
+
+
+def connect(broker: Broker, user: str | None, serializer: Serializer = V2) -> FakePeer:
+    peer = FakePeer(user, serializer)
+    broker.connect(peer)
+    return peer
+
+
+def join(broker: Broker, peer: FakePeer, topic: str, ref: str = "1", payload: Any = None):
+    broker.handle(peer, Message(ref, ref, topic, "phx_join", payload or {}))
+
+
+def test_join_ok_renders_the_reply(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:lobby", "3")
+    reply, state = alice.take()
+    assert reply == [
+        "3",
+        "3",
+        "room:lobby",
+        "phx_reply",
+        {"status": "ok", "response": {"joined": "lobby", "by": "alice"}},
+    ]
+    assert state[3] == "presence_state" and state[0] == "3" and state[1] is None
+
+
+def test_unmatched_topic_has_a_null_join_ref(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "nope:1", "5")
+    assert alice.take() == [
+        [
+            None,
+            "5",
+            "nope:1",
+            "phx_reply",
+            {"status": "error", "response": {"reason": "unmatched topic"}},
+        ]
+    ]
+    join(broker, alice, "phoenix", "6")
+    assert alice.take()[0][4]["response"] == {"reason": "unmatched topic"}
+
+
+def test_self_topics_and_anonymous_users(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "users:bob", "1")
+    join(broker, alice, "users:alice", "2")
+    refused, accepted = alice.take()
+    assert refused == [
+        "1",
+        "1",
+        "users:bob",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "unauthorized"}},
+    ]
+    assert accepted[4]["status"] == "ok"
+    anonymous = connect(broker, None)
+    join(broker, anonymous, "room:x", "1")
+    join(broker, anonymous, "public", "2")
+    assert [f[4]["status"] for f in anonymous.take()] == ["error", "ok"]
+    assert broker.stats.refusals["join_unauthorized"] == 2
+
+
+def test_channel_limit_per_connection(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    for n, topic in enumerate(["public", "users:alice", "crashy", "quiet"]):
+        join(broker, alice, topic, str(n))
+    frames = alice.take()
+    assert frames[-1][4] == {"status": "error", "response": {"reason": "too many channels joined"}}
+    join(broker, alice, "public", "9")  # rejoining a joined topic is not a new channel
+    assert alice.take()[0][4]["status"] == "ok"
+
+
+def test_duplicate_join_replies_then_closes_the_old_channel(broker: Broker, clock: Clock):
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:lobby", "1")
+    alice.take()
+    join(broker, alice, "room:lobby", "3")
+    frames = alice.take()
+    assert frames[0][:4] == ["3", "3", "room:lobby", "phx_reply"]
+    assert frames[1] == ["1", "1", "room:lobby", "phx_close", {}]
+    assert frames[2][3] == "presence_state"
+    # A push with the old join_ref reaches the new channel and is answered with the new one.
+    broker.handle(alice, Message("1", "4", "room:lobby", "ping", {"old": True}))
+    assert alice.take() == [
+        ["3", "4", "room:lobby", "phx_reply", {"status": "ok", "response": {"old": True}}]
+    ]
+
+
+def test_leave_then_push(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "public", "1")
+    alice.take()
+    broker.handle(alice, Message("1", "2", "public", "phx_leave", {}))
+    assert alice.take() == [
+        ["1", "2", "public", "phx_reply", {"status": "ok", "response": {}}],
+        ["1", "1", "public", "phx_close", {}],
+    ]
+    broker.handle(alice, Message("1", "3", "public", "ping", {}))
+    assert alice.take()[0][:2] == [None, "3"]
+    broker.handle(alice, Message("7", "4", "public", "phx_leave", {}))
+    assert alice.take() == [["7", "4", "public", "phx_reply", {"status": "ok", "response": {}}]]
+    assert "public" not in broker.topics
+
+
+def test_relay_reaches_every_subscriber_with_the_sender_stamped(broker: Broker) -> None:
+    alice, bob, carol = (connect(broker, u) for u in ("alice", "bob", "carol"))
+    join(broker, alice, "room:a")
+    join(broker, bob, "room:a")
+    join(broker, carol, "room:b")
+    for p in (alice, bob, carol):
+        p.take()
+    broker.handle(alice, Message("1", "2", "room:a", "new_msg", {"body": "hi", "user": "x"}))
+    expected = [None, None, "room:a", "new_msg", {"body": "hi", "user": "alice"}]
+    assert alice.take() == [expected]  # no reply: Phoenix's {:noreply, socket}
+    assert bob.take() == [expected]
+    assert carol.take() == []
+
+
+def test_a_broadcast_is_encoded_once_per_serializer(broker: Broker) -> None:
+    calls = []
+    v2_peers = [connect(broker, f"u{i}") for i in range(5)]
+    v1_peer = connect(broker, "old", V1)
+    for p in [*v2_peers, v1_peer]:
+        join(broker, p, "public")
+    original = Broadcast.encoded
+
+    def counting(self, serializer):
+        if serializer not in self._encoded:
+            calls.append(serializer.vsn)
+        return original(self, serializer)
+
+    Broadcast.encoded = counting
+    try:
+        broker.publish("public", "news", {"n": 1})
+    finally:
+        Broadcast.encoded = original
+    assert sorted(calls) == ["1.0.0", "2.0.0"]
+    assert v1_peer.take()[-1] == {
+        "topic": "public",
+        "event": "news",
+        "payload": {"n": 1},
+        "ref": None,
+    }
+
+
+def test_binary_relay_skips_clients_that_cannot_take_binary(broker: Broker) -> None:
+    modern, old = connect(broker, "a"), connect(broker, "b", V1)
+    join(broker, modern, "room:bin")
+    join(broker, old, "room:bin")
+    modern.take(), old.take()
+    broker.handle(modern, Message("1", "2", "room:bin", "new_msg", b"\x01\x02"))
+    assert modern.take() == [("binary", bytes([2, 8, 7]) + b"room:binnew_msg\x01\x02")]
+    assert old.take() == []
+
+
+def test_echo_answers_any_payload_and_binary_with_binary(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:a")
+    alice.take()
+    for payload in ["str", [1, 2], None, {"a": 1}]:
+        broker.handle(alice, Message("1", "9", "room:a", "ping", payload))
+        assert alice.take()[0][4] == {"status": "ok", "response": payload}
+    broker.handle(alice, Message("1", "9", "room:a", "ping", b"\xfa"))
+    ((kind, data),) = alice.take()
+    assert kind == "binary" and data[0] == 1 and data.endswith(b"ok\xfa")
+
+
+def test_unhandled_events_error_ignore_or_crash(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    for topic in ("room:a", "quiet", "crashy"):
+        join(broker, alice, topic, "1")
+    alice.take()
+    broker.handle(alice, Message("1", "2", "room:a", "dance", {}))
+    assert alice.take()[0][4] == {
+        "status": "error",
+        "response": {"reason": "unhandled event 'dance'"},
+    }
+    broker.handle(alice, Message("1", "3", "quiet", "dance", {}))
+    assert alice.take() == []
+    broker.handle(alice, Message("1", "4", "crashy", "dance", {}))
+    assert alice.take() == [["1", "1", "crashy", "phx_error", {}]]
+    assert "crashy" not in alice.channels
+    broker.handle(alice, Message("1", "5", "room:a", "new_msg", "not an object"))
+    assert alice.take()[0][4]["status"] == "error"
+
+
+def test_presence_storm_costs_one_diff_per_subscriber_per_interval(broker: Broker, clock: Clock):
+    peers = [connect(broker, f"user{i}") for i in range(50)]
+    first = peers[0]
+    join(broker, first, "room:storm")
+    broker.tick()
+    first.take()
+    clock.now += 1
+    for p in peers[1:]:
+        join(broker, p, "room:storm")
+    broker.tick()  # leading edge: the first change after a quiet interval goes out now
+    clock.now += 0.05
+    broker.tick()  # within the interval: nothing
+    clock.now += 0.05
+    broker.tick()
+    diffs = [f for f in first.take() if f[3] == "presence_diff"]
+    assert len(diffs) <= 2
+    joined = set().union(*(d[4]["joins"] for d in diffs))
+    assert joined == {f"user{i}" for i in range(1, 50)}
+
+
+def test_presence_converges_for_joiners_like_phoenix_js(broker: Broker, clock: Clock) -> None:
+    """State then diffs, merged by phx_ref as phoenix.js does, give everyone the truth."""
+    views: dict[int, dict] = {}
+    peers = []
+    for i in range(6):
+        p = connect(broker, f"u{i % 4}")  # u0 and u1 have two sockets each
+        join(broker, p, "room:p", payload={"status": "here"})
+        peers.append(p)
+        clock.now += 0.03
+        broker.tick()
+    broker.handle(peers[2], Message("1", "5", "room:p", "set_status", {"status": "away"}))
+    broker.disconnect(peers[0])
+    broker.handle(peers[3], Message("1", "6", "room:p", "phx_leave", {}))
+    clock.now += 1
+    broker.tick()
+    for p in peers:
+        views[p.id] = apply_frames(p.take())
+    truth = strip({k: v["metas"] for k, v in broker.topics["room:p"].presence.state().items()})
+    for p in peers[1:]:
+        if p is peers[3]:
+            continue
+        assert strip(views[p.id]) == truth
+    assert truth["u2"] == [{"online_at": "1700000000", "status": "away"}]
+    assert sorted(truth) == ["u0", "u1", "u2"]  # u0 still has its second socket
+    updated = broker.topics["room:p"].presence.metas["u2"]
+    assert all("phx_ref_prev" in m for m in updated.values())
+
+
+def apply_frames(frames: list[Any]) -> dict:
+    """phoenix.js Presence: diffs wait for the state; joins then leaves, keyed by phx_ref."""
+    state = None
+    pending = []
+    for f in frames:
+        if f[3] == "presence_state":
+            state = {k: list(v["metas"]) for k, v in f[4].items()}
+            for diff in pending:
+                apply_diff(state, diff)
+            pending = []
+        elif f[3] == "presence_diff":
+            if state is None:
+                pending.append(f[4])
+            else:
+                apply_diff(state, f[4])
+    return state or {}
+
+
+def apply_diff(state: dict, diff: dict) -> None:
+    for key, value in diff["joins"].items():
+        refs = {m["phx_ref"] for m in value["metas"]}
+        state[key] = [m for m in state.get(key, []) if m["phx_ref"] not in refs] + value["metas"]
+    for key, value in diff["leaves"].items():
+        refs = {m["phx_ref"] for m in value["metas"]}
+        remaining = [m for m in state.get(key, []) if m["phx_ref"] not in refs]
+        if remaining:
+            state[key] = remaining
+        else:
+            state.pop(key, None)
+
+
+def strip(state: dict) -> dict:
+    return {
+        k: sorted(
+            ({f: v for f, v in m.items() if f not in ("phx_ref", "phx_ref_prev")} for m in metas),
+            key=json.dumps,
+        )
+        for k, metas in sorted(state.items())
+    }
+
+
+def test_status_map_lists_a_user_once_and_coalesces(broker: Broker, clock: Clock) -> None:
+    a1, a2, bob = connect(broker, "alice"), connect(broker, "alice"), connect(broker, "bob")
+    join(broker, a1, "all")
+    broker.tick()
+    reply, pushed, status = a1.take()
+    assert pushed[3] == "status_users"
+    assert status[4] == {"users": ["alice"], "user_count": 1, "hits": 0, "msgs": []}
+    clock.now += 1
+    join(broker, a2, "all")
+    join(broker, bob, "all")
+    for _ in range(3):
+        broker.handle(bob, Message("1", "2", "all", "hit", {}))
+    for n in range(3):
+        broker.handle(bob, Message("1", "3", "all", "msg", {"n": n}))
+    broker.tick()
+    clock.now += 0.1
+    broker.tick()
+    statuses = [f[4] for f in a1.take() if f[3] == "status_users"]
+    assert len(statuses) <= 2
+    assert statuses[-1] == {
+        "users": ["alice", "bob"],
+        "user_count": 2,
+        "hits": 3,
+        "msgs": [{"n": 1}, {"n": 2}],
+    }
+    assert a2.take()[0][4]["status"] == "ok"
+
+
+def test_disconnect_cleans_up_and_announces_the_leave(broker: Broker, clock: Clock) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "room:x")
+    join(broker, bob, "room:x")
+    clock.now += 1
+    broker.tick()
+    bob.take()
+    broker.disconnect(alice)
+    broker.disconnect(alice)  # idempotent
+    clock.now += 1
+    broker.tick()
+    diff = [f for f in bob.take() if f[3] == "presence_diff"][-1][4]
+    assert list(diff["leaves"]) == ["alice"] and diff["joins"] == {}
+    assert "alice" not in broker.users
+    broker.handle(alice, Message("1", "1", "room:x", "phx_join", {}))  # late message: ignored
+    assert alice.take() == [] or alice.frames == []
+
+
+def test_kick_from_a_topic_and_disconnect_a_user(broker: Broker) -> None:
+    alice, alice2, bob = connect(broker, "alice"), connect(broker, "alice"), connect(broker, "bob")
+    for p in (alice, alice2, bob):
+        join(broker, p, "public", "4")
+        p.take()
+    assert broker.kick("alice", "public") == 2
+    assert alice.take() == [["4", "4", "public", "phx_close", {}]]
+    assert bob.take() == []
+    assert broker.disconnect_user("bob") == 1
+    assert bob.closed == (1001, "disconnected")
+    assert broker.disconnect_user("nobody") == 0
+
+
+def test_reload_closes_channels_no_longer_allowed(broker: Broker) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "public", "1")
+    join(broker, bob, "public", "2")
+    join(broker, alice, "crashy", "3")
+    alice.take(), bob.take()
+    stricter = CONFIG.replace(
+        'pattern = "public"\njoin = "anyone"', 'pattern = "public"\njoin = ["alice"]'
+    )
+    stricter = stricter.replace('[[topics]]\npattern = "crashy"\nunhandled = "crash"\n', "")
+    broker.configure(parse_config(tomllib.loads(stricter)))
+    assert bob.take() == [["2", "2", "public", "phx_close", {}]]
+    assert alice.take() == [["3", "3", "crashy", "phx_close", {}]]
+    assert "public" in alice.channels and "crashy" not in alice.channels
