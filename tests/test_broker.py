@@ -384,7 +384,7 @@ def test_status_map_lists_a_user_once_and_coalesces(broker: Broker, clock: Clock
     a1, a2, bob = connect(broker, "alice"), connect(broker, "alice"), connect(broker, "bob")
     join(broker, a1, "all")
     broker.tick()
-    reply, pushed, status = a1.take()
+    _reply, pushed, status = a1.take()
     assert pushed[3] == "status_users"
     assert status[4] == {"users": ["alice"], "user_count": 1, "hits": 0, "msgs": []}
     clock.now += 1
