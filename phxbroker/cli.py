@@ -67,3 +67,17 @@ def serve(config_path: Path, listen: str | None) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+@main.command("check-config")
+@click.argument("config_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(config_path: Path) -> None:
+    """Validate a config file without starting (exit 0 if it is good)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    click.echo(
+        f"{config_path}: ok ({len(config.topics)} topic patterns, "
+        f"{len(config.auth.tokens)} static tokens)"
+    )
