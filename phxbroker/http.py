@@ -72,6 +72,7 @@ class HttpConnection:
         self.sock = sock
         self.remote = remote
         self.timeout = timeout
+        self.max_header_size = max_header_size
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
 
     async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -101,6 +102,11 @@ class HttpConnection:
                 return None
             if not isinstance(event, h11.Request):
                 raise BadRequest(400, "expected an HTTP request")
+            # h11 bounds only a head still arriving; one that came in a single read is
+            # measured here.
+            head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if head_size > self.max_header_size:
+                raise BadRequest(431, f"request head larger than {self.max_header_size} bytes")
             target = event.target.decode("ascii", "replace")
             parts = urlsplit(target)
             headers: dict[str, str] = {}
