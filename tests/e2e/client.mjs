@@ -61,7 +61,7 @@ function backoff(list) {
 function webSocketTransport(caFile) {
   if (!caFile) return WebSocket;
   const ca = readFileSync(caFile);
-  return class extends WebSocket {
+  return class TrustingWebSocket extends WebSocket {
     constructor(url, protocols) {
       super(url, protocols, { ca });
     }
