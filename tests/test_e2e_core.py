@@ -120,7 +120,8 @@ def test_connect_without_a_valid_token_is_refused(
 
 
 def test_heartbeats_are_answered_and_the_socket_stays_open(connect: Connect) -> None:
-    alice = connect(heartbeatIntervalMs=300)
+    # phoenix.js closes the socket if a reply takes longer than the interval: keep it roomy.
+    alice = connect(heartbeatIntervalMs=1000)
 
     for _ in range(2):
         reply = alice.expect({"type": "message", "topic": "phoenix", "event": "phx_reply"})
@@ -254,7 +255,7 @@ def test_status_app_knows_the_user_by_the_user_param(
     assert carol.join("all")["status"] == "ok"
 
     # Presence is keyed by user, so "carol" can only come from the `user` param.
-    synced = carol.expect({"type": "presence", "topic": "all"})
+    synced = carol.expect(lambda event: event["type"] == "presence" and event["state"])
     assert list(synced["state"]) == ["carol"]
 
 
