@@ -97,7 +97,7 @@ class NodeClient:
             proc.stdin.write(json.dumps(cmd, default=_to_wire) + "\n")
             proc.stdin.flush()
         except (BrokenPipeError, ValueError) as exc:
-            raise NodeClientError(f"{self.name}: the driver is gone; {self._report()}") from exc
+            raise NodeClientError(f"{self.name}: the driver is gone; {self.diagnostics()}") from exc
         return cmd["id"]
 
     def command(self, cmd: Mapping[str, Any], timeout: float = 5) -> Event:
@@ -122,7 +122,7 @@ class NodeClient:
             if remaining <= 0:
                 raise NodeClientError(
                     f"{self.name}: no event matching {_describe(match)} within {timeout} s; "
-                    + self._report()
+                    + self.diagnostics()
                 )
             try:
                 event = self._inbox.get(timeout=remaining)
@@ -132,12 +132,13 @@ class NodeClient:
                 self._inbox.put(None)  # keep the end visible to later calls
                 raise NodeClientError(
                     f"{self.name}: driver exited while waiting for {_describe(match)}; "
-                    + self._report()
+                    + self.diagnostics()
                 )
             if predicate(event):
                 return event
             if event["type"] in FAULTS:
-                raise NodeClientError(f"{self.name}: driver reported {event}; " + self._report())
+                report = self.diagnostics()
+                raise NodeClientError(f"{self.name}: driver reported {event}; {report}")
             self._pending.append(event)
 
     def seen(self, match: Matcher) -> list[Event]:
@@ -231,9 +232,6 @@ class NodeClient:
         if self.stderr_lines:
             text += "\nstderr:\n" + "\n".join(self.stderr_lines[-last:])
         return text
-
-    def _report(self) -> str:
-        return self.diagnostics(last=25)
 
     def _read_events(self) -> None:
         proc = self._require_proc()
