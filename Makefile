@@ -21,8 +21,8 @@ serve: $(VENV)/.installed
 	$(BIN)/phxbroker serve --config config.example.toml
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check phxbroker tests bench
-	$(BIN)/ruff format --check phxbroker tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: $(VENV)/.installed $(E2E)/node_modules/.installed lint
 	$(BIN)/pytest
