@@ -30,9 +30,7 @@ from phxbroker.config import parse_config
 from phxbroker.server import Server
 
 TRANSCRIPTS = Path(
-    os.environ.get(
-        "PHXBROKER_TRANSCRIPTS", Path(__file__).parent.parent.parent / "shared" / "transcripts"
-    )
+    os.environ.get("PHXBROKER_TRANSCRIPTS", Path(__file__).parent / "golden" / "transcripts")
 )
 FRAME_TIMEOUT = 5.0
 
