@@ -55,7 +55,7 @@ def sign_message(
     key = derive_key(
         secret_key_base, salt, iterations=key_iterations, length=key_length, digest=key_digest
     )
-    plain_text = f"{prefix or PREFIXES[mac_digest]}.{b64url(message)}"
+    plain_text = f"{PREFIXES[mac_digest] if prefix is None else prefix}.{b64url(message)}"
     mac = hmac.new(key, plain_text.encode("ascii"), mac_digest).digest()
     return f"{plain_text}.{b64url(mac)}"
 
