@@ -52,6 +52,8 @@ class Server:
         self.listen_address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
         self._all_closed = trio.Event()
+        # True once shutdown began: readiness fails and new connections are refused.
+        self.draining = False
         self._apply_limits(config)
 
     def _apply_limits(self, config: Config) -> None:
@@ -219,6 +221,7 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, close every websocket with 1001 so clients reconnect elsewhere,
         and give them a moment to answer."""
+        self.draining = True
         if self._listener is not None:
             close_socket(self._listener)
             self._listener = None
