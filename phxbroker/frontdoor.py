@@ -84,6 +84,10 @@ class FrontDoor:
             await conn.respond(400, close=True)
             return False
 
+        origin_problem = server.check_origin(request)
+        if origin_problem:
+            return await self._refuse(conn, request, "origin", origin_problem)
+
         offered = [
             p.strip() for p in request.header("sec-websocket-protocol").split(",") if p.strip()
         ]

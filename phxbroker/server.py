@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -18,6 +19,7 @@ from phxbroker.auth import Authenticator
 from phxbroker.broker import Broker
 from phxbroker.config import Config, ConfigError, load_config
 from phxbroker.frontdoor import FrontDoor
+from phxbroker.http import Request
 from phxbroker.sockets import SocketHub, close_socket
 from phxbroker.stats import Stats
 from phxbroker.websocket import CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSING, OPEN, WebSocketPeer
@@ -54,6 +56,7 @@ class Server:
         self._all_closed = trio.Event()
         # True once shutdown began: readiness fails and new connections are refused.
         self.draining = False
+        self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._apply_limits(config)
 
     def _apply_limits(self, config: Config) -> None:
@@ -62,6 +65,15 @@ class Server:
 
     def next_peer_id(self) -> int:
         return next(self._peer_ids)
+
+    def check_origin(self, request: Request) -> str | None:
+        """Why this request's Origin is not allowed, or None when it is (every transport's
+        handshake asks before authenticating)."""
+        return None
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` during shutdown, after websockets were told to close."""
+        self._shutdown_hooks.append(hook)
 
     # -- running -------------------------------------------------------------------------
 
@@ -228,6 +240,8 @@ class Server:
         for peer in list(self.connections):
             peer.close(CLOSE_GOING_AWAY, "server shutting down")
         self.hub.flush()
+        for hook in self._shutdown_hooks:
+            await hook()
         if self.connections:
             self._all_closed = trio.Event()
             with trio.move_on_after(SHUTDOWN_GRACE):
