@@ -289,3 +289,20 @@ async def test_bytes_messages_are_received_in_order_with_text() -> None:
         await raw.send(TextMessage(data='["1","3","room:a","ping",{"t":1}]'))
         first, second = await raw.next_event(), await raw.next_event()
         assert isinstance(first, BytesMessage) and isinstance(second, TextMessage)
+
+
+async def test_every_configured_socket_path_serves_websockets() -> None:
+    config = CONFIG.replace(
+        'listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nsocket_paths = ["/socket", "/live/ws"]'
+    )
+    async with serve(config) as (_server, port):
+        for path in ("/socket", "/live/ws"):
+            target = f"ws://127.0.0.1:{port}{path}/websocket?token=alice-token&vsn=2.0.0"
+            async with open_websocket_url(target) as ws:
+                await ws.send_message('[null,"1","phoenix","heartbeat",{}]')
+                with trio.fail_after(TIMEOUT):
+                    assert json.loads(await ws.get_message())[3] == "phx_reply"
+        status, _ = await http(
+            port, b"GET /elsewhere/websocket HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        assert status == 404
