@@ -281,8 +281,8 @@ class WebSocketPeer:
             log.info("closing %s: %s", self, exc)
             self.close(CLOSE_ERROR)
             return
-        stats.messages_in += 1
         if msg.event == protocol.HEARTBEAT and msg.topic == protocol.HEARTBEAT_TOPIC:
+            stats.messages_in += 1  # the broker counts the messages it handles itself
             self.send(self.serializer.encode_reply(None, msg.ref, msg.topic, "ok", {}))
             return
         await commands.send((handle, (self, msg)))
