@@ -158,7 +158,8 @@ class HttpConnection:
         content_type: str | None = None,
         close: bool = False,
     ) -> None:
-        """Send a complete response; `close` ends keep-alive."""
+        """Send a complete response; `close` ends keep-alive. A client that does not take it
+        within `timeout` seconds gets TimeoutError (an OSError), so it cannot hold us."""
         hdrs = [(b"content-length", str(len(body)).encode())]
         if content_type:
             hdrs.append((b"content-type", content_type.encode()))
@@ -172,7 +173,10 @@ class HttpConnection:
         if body:
             data += self.h11.send(h11.Data(data=body))
         data += self.h11.send(h11.EndOfMessage())
-        await send_all(self.sock, data)
+        with trio.move_on_after(self.timeout):
+            await send_all(self.sock, data)
+            return
+        raise TimeoutError(f"{self.remote} did not read the response in time")
 
     async def switch_protocols(self, headers: list[tuple[str, str]]) -> bytes:
         """Send 101 and return the bytes the client already sent past the request."""
