@@ -65,6 +65,20 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LongPollConfig:
+    """phoenix.js's LongPoll transport at <socket path>/longpoll."""
+
+    enabled: bool = True
+    window_ms: int = 10_000  # how long a poll is held waiting for messages (Phoenix's default)
+    max_post_size: int = 4_194_304  # bytes in one POST of batched messages
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True  # serve GET /metrics in the Prometheus text format
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
 
@@ -76,6 +90,8 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     topics: tuple[TopicRule, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    longpoll: LongPollConfig = field(default_factory=LongPollConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 class Table:
@@ -204,8 +220,18 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> Config:
     auth = _parse_auth(root.table("auth"))
     topics = tuple(_parse_topic(t) for t in root.tables("topics"))
     log = _parse_log(root.table("log"))
+    longpoll = _parse_longpoll(root.table("longpoll"))
+    metrics = _parse_metrics(root.table("metrics"))
     root.done()
-    return Config(path=Path(path), server=server, auth=auth, topics=topics, log=log)
+    return Config(
+        path=Path(path),
+        server=server,
+        auth=auth,
+        topics=topics,
+        log=log,
+        longpoll=longpoll,
+        metrics=metrics,
+    )
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -369,3 +395,20 @@ def _parse_log(t: Table) -> LogConfig:
         raise t.error("level", 'expected "debug", "info", "warning" or "error"')
     t.done()
     return LogConfig(level=level)
+
+
+def _parse_longpoll(t: Table) -> LongPollConfig:
+    d = LongPollConfig()
+    cfg = LongPollConfig(
+        enabled=t.bool("enabled", d.enabled),
+        window_ms=t.int("window_ms", d.window_ms, minimum=10),
+        max_post_size=t.int("max_post_size", d.max_post_size, minimum=1024),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_metrics(t: Table) -> MetricsConfig:
+    cfg = MetricsConfig(enabled=t.bool("enabled", MetricsConfig().enabled))
+    t.done()
+    return cfg

@@ -38,6 +38,9 @@ class FrontDoor:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.routes: dict[str, dict[str, Handler]] = {}
+        # Transports other than the websocket, by sub-path under every socket path
+        # ("/longpoll"); their handler answers every method itself.
+        self.transports: dict[str, Handler] = {}
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         """Serve `method path` with handler(conn, request), which reads and responds itself."""
@@ -66,6 +69,10 @@ class FrontDoor:
         for base in self.server.config.server.socket_paths:
             if request.path == base + "/websocket":
                 return await self.websocket(conn, request)
+            transport = self.transports.get(request.path.removeprefix(base))
+            if transport is not None and request.path.startswith(base):
+                await transport(conn, request)
+                return False
         handlers = self.routes.get(request.path)
         if handlers is None:
             await conn.respond(404, b"not found\n", content_type="text/plain")

@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +20,10 @@ from phxbroker.auth import Authenticator
 from phxbroker.broker import Broker
 from phxbroker.config import Config, ConfigError, load_config
 from phxbroker.frontdoor import FrontDoor
+from phxbroker.health import install_health
 from phxbroker.http import Request
+from phxbroker.longpoll import LongPoll
+from phxbroker.metrics import install_metrics
 from phxbroker.sockets import SocketHub, close_socket
 from phxbroker.stats import Stats
 from phxbroker.websocket import CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSING, OPEN, WebSocketPeer
@@ -58,6 +62,9 @@ class Server:
         self.draining = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._apply_limits(config)
+        install_health(self)
+        install_metrics(self)
+        self.longpoll = LongPoll(self)
 
     def _apply_limits(self, config: Config) -> None:
         self.hub.outbox_limit = config.server.outbox_limit
@@ -190,19 +197,31 @@ class Server:
         broker = self.broker
         inbox = self._inbox
         hub = self.hub
+        stats = self.stats
+        batches = stats.broker_batches
+        clock = time.perf_counter
         while True:
             deadline = broker.next_deadline()
+            ran = 0
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 command = await inbox.receive()
+                # Timed per batch, not per command, so the measurement stays off the hot path.
+                started = clock()
                 _run_command(command)
+                ran = 1
                 for _ in range(MAX_BATCH - 1):
                     try:
                         command = inbox.receive_nowait()
                     except trio.WouldBlock:
                         break
                     _run_command(command)
+                    ran += 1
+            if not ran:
+                started = clock()
             broker.tick()
             hub.flush()
+            batches.observe(clock() - started)
+            stats.broker_commands += ran
 
     async def _sweep(self) -> None:
         """Close connections silent for idle_timeout; abort ones stuck closing."""

@@ -118,6 +118,8 @@ class Replay:
     clients: dict[str, Client] = field(default_factory=dict)
     skip_events: frozenset[str] = frozenset()
     pending_handshake: str | None = None
+    # Long-poll session tokens: the captured server's -> ours, substituted into requests.
+    session_tokens: dict[str, str] = field(default_factory=dict)
 
     async def open(self, name: str, target: str) -> None:
         query = urlsplit(target).query
@@ -156,10 +158,14 @@ class Replay:
             if direction == "in" and client_name == "ws-handshake":
                 await self.expect_rejected_handshake(line["frame"], where)
             elif direction == "out":
-                response = await http_request(self.port, line["frame"])
+                frame = dict(line["frame"])
+                for theirs, ours in self.session_tokens.items():
+                    frame["path"] = frame["path"].replace(theirs, ours)
+                response = await http_request(self.port, frame)
                 expected = lines[index + 1]
                 assert expected["dir"] == "in" and expected["opcode"] == "http", where
                 compare_http(response, expected["frame"], f"{where} (+1)")
+                self.learn_session_token(response, expected["frame"])
             return
         client = self.clients[client_name]
         if direction == "out":
@@ -198,6 +204,12 @@ class Replay:
         want = mask(json.loads(line["frame"]), hits=hits)
         have = mask(json.loads(data), hits=hits)
         assert have == want, f"{where}:\n  expected {line['frame']}\n  received {data}"
+
+    def learn_session_token(self, got: dict[str, Any], want: dict[str, Any]) -> None:
+        """Pair the captured long-poll session token with the one phxbroker issued."""
+        theirs, ours = _session_token(want.get("body")), _session_token(got.get("body"))
+        if theirs and ours:
+            self.session_tokens[theirs] = ours
 
     async def next_relevant(self, client: Client) -> tuple[str, Any]:
         """The client's next frame, passing over events this replay does not compare."""
@@ -274,13 +286,36 @@ async def http_request(port: int, frame: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _session_token(body: Any) -> str | None:
+    """The session token of a long-poll GET answer, if the body is one."""
+    try:
+        value = json.loads(body)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(value, dict) and "messages" in value and isinstance(value.get("token"), str):
+        return value["token"]
+    return None
+
+
+def _normalize_longpoll(value: Any) -> Any:
+    """A long-poll GET answer with its session token masked and each message (a JSON
+    string) parsed, so that masking and key order apply to the messages too."""
+    if not (isinstance(value, dict) and isinstance(value.get("messages"), list)):
+        return value
+    out = dict(value)
+    if isinstance(out.get("token"), str) and out["token"]:
+        out["token"] = MASK
+    out["messages"] = [json.loads(m) if isinstance(m, str) else m for m in out["messages"]]
+    return out
+
+
 def compare_http(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
     """Status and body must match; so must the CORS header where the capture has one."""
     assert got["status"] == want["status"], f"{where}: status {got['status']} != {want['status']}"
     if want.get("body", "").startswith("{"):
-        assert mask(json.loads(got["body"])) == mask(json.loads(want["body"])), (
-            f"{where}: body {got['body']!r} != {want['body']!r}"
-        )
+        have = mask(_normalize_longpoll(json.loads(got["body"])))
+        expected = mask(_normalize_longpoll(json.loads(want["body"])))
+        assert have == expected, f"{where}: body {got['body']!r} != {want['body']!r}"
     else:
         assert got["body"] == want.get("body", ""), f"{where}: body {got['body']!r}"
     cors = want.get("headers", {}).get("access-control-allow-origin")
