@@ -50,9 +50,7 @@ FAST_RETRY = {"reconnectAfterMs": [50], "rejoinAfterMs": [100]}
 Factory = Callable[..., Any]
 
 
-def open_client(
-    factory: Factory, endpoint: str, token: str, name: str, **opts: Any
-) -> NodeClient:
+def open_client(factory: Factory, endpoint: str, token: str, name: str, **opts: Any) -> NodeClient:
     client = factory(name)
     client.connect(endpoint, {"token": token}, **opts)
     return client
