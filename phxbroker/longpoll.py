@@ -6,8 +6,9 @@ and can be kicked. Its outbound messages wait in a bounded queue until a GET col
 * GET without a live session: authenticate the connect params (and `X-Phoenix-AuthToken`)
   and answer `{"status":410,"token":...}`, which phoenix.js takes as "open";
 * GET with a session: answer at once with what is queued (200), or hold the request up to
-  `window_ms` for news and answer 204 when none came; a session closed meanwhile answers
-  410, which phoenix.js 1.8.3+ takes as "session gone" and reconnects;
+  `window_ms` for news and answer 204 when none came; a session the server ended (kick,
+  revoked token, slow client, shutdown) answers its next poll with 410, which
+  phoenix.js 1.8.3+ takes as "session gone" and reconnects;
 * POST: the body is one frame, or up to 100 ndjson lines (`[`... text, anything else
   base64 of a binary frame), handed to the broker in order; answered `{"status":200}`.
 
@@ -149,6 +150,7 @@ class LongPollSession:
         if self.closed:
             return
         self.closed = True
+        self.last_seen = trio.current_time()  # kept a while to answer the next poll
         self._owner.ended(self, reason)
         self._notify()
 
@@ -244,16 +246,15 @@ class LongPoll:
     async def _get(self, conn: HttpConnection, request: Request) -> None:
         token, params = self._split_token(request)
         session = self._lookup(token)
-        if session is not None:
-            if not session.closed:
-                await self._listen(conn, session)
-                return
-            # A closed session hands over what it still had queued, then is gone.
+        if session is None:
+            await self._new_session(conn, request, params)
+        elif not session.closed:
+            await self._listen(conn, session)
+        else:
+            # A session the server ended hands over what it still had queued, or says it is
+            # gone (phoenix.js 1.8.3+ then reconnects); after that its token is unknown.
             self._forget(session)
-            if session.pending:
-                await self._answer_messages(conn, session, 200)
-                return
-        await self._new_session(conn, request, params)
+            await self._answer_messages(conn, session, 200 if session.pending else 410)
 
     async def _new_session(
         self, conn: HttpConnection, request: Request, params: dict[str, str]
@@ -459,7 +460,8 @@ class LongPoll:
             pass
 
     async def _sweep(self) -> None:
-        """End sessions no GET has visited for EXPIRY_FACTOR windows."""
+        """End sessions no GET has visited for EXPIRY_FACTOR windows, and forget sessions
+        ended that long ago."""
         while True:
             window = self.server.config.longpoll.window_ms / 1000
             await trio.sleep(min(MAX_SWEEP_INTERVAL, window / 4))
@@ -471,8 +473,6 @@ class LongPoll:
                     if not session.closed:
                         log.info("ending %s: no poll for %g s", session, window * EXPIRY_FACTOR)
                         session.close(CLOSE_GOING_AWAY, "expired")
-                    self._forget(session)
-                elif session.closed and not session.pending:
                     self._forget(session)
 
     async def drain(self) -> None:

@@ -180,4 +180,4 @@ def test_behind_a_websocket_hostile_proxy_phoenix_js_falls_back_to_longpoll(
         bob.push("room:lobby", "new_msg", {"body": "through the proxy"})
         got = alice.expect({"type": "channel_event", "event": "new_msg"})
         assert got["payload"]["body"] == "through the proxy"
-        assert proxy.requests_forwarded >= 3  # the polls and posts went through it
+        assert proxy.connections_forwarded >= 1  # alice only knows the proxy: it went through

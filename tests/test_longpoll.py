@@ -274,15 +274,22 @@ async def test_messages_wait_for_the_next_poll_when_a_client_leaves_mid_poll() -
 
 
 async def test_a_session_without_polls_expires_and_its_presence_leaves() -> None:
-    async with (
-        serve(config(window_ms=200)) as (server, port),
-        await HttpClient.open(port) as client,
-    ):
-        token = await open_session(client)
-        await post(client, token, ["1", "1", "room:a", "phx_join", {}])
-        await wait_until(lambda: "room:a" in server.broker.topics)
-        await wait_until(lambda: server.stats.longpoll_open == 0)
-        await wait_until(lambda: not server.broker.peers and "room:a" not in server.broker.topics)
+    url = "ws://127.0.0.1:{}/socket/websocket?token=bob-token&vsn=2.0.0"
+    async with serve(config(window_ms=500)) as (server, port):
+        async with open_websocket_url(url.format(port)) as ws:
+            await ws.send_message('["1","1","room:a","phx_join",{}]')
+            async with await HttpClient.open(port) as client:
+                token = await open_session(client)
+                await post(client, token, ["1", "1", "room:a", "phx_join", {}])
+                joined = await client.request("GET", session_url(token))
+                assert messages(joined)[0][3] == "phx_reply"
+            # No more polls: 0.75 s later the session ends and alice leaves the room.
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    if frame[3] == "presence_diff" and "alice" in frame[4]["leaves"]:
+                        break
+        assert server.stats.longpoll_open == 0
         assert not server.longpoll.sessions
         async with await HttpClient.open(port) as client:
             assert await open_session(client, session_url(token)) != token
@@ -305,6 +312,19 @@ async def test_a_disconnected_user_gets_410_on_its_held_poll_then_a_new_session(
         # the old token and gets a new session, as from Phoenix.
         fresh = await open_session(client, session_url(token))
         assert fresh != token and server.stats.longpoll_open == 1
+
+
+async def test_a_session_ended_between_polls_answers_the_next_one_with_410() -> None:
+    async with (
+        serve(config(window_ms=30_000)) as (server, port),
+        await HttpClient.open(port) as client,
+    ):
+        token = await open_session(client)
+        await server.commands.send((server.broker.disconnect_user, ("alice",)))
+        await wait_until(lambda: server.stats.longpoll_open == 0)
+        gone = await client.request("GET", session_url(token))
+        assert gone.json() == {"status": 410, "token": token, "messages": []}
+        assert await open_session(client, session_url(token)) != token
 
 
 async def test_a_session_whose_queue_overflows_is_dropped_as_a_slow_client() -> None:
@@ -330,7 +350,7 @@ async def test_a_session_whose_queue_overflows_is_dropped_as_a_slow_client() -> 
                             break
         assert sent > 10  # it took about 8 KiB of queued messages
         gone = await client.request("GET", session_url(token))
-        assert gone.json()["status"] == 410 and gone.json()["token"] != token
+        assert gone.json() == {"status": 410, "token": token, "messages": []}
 
 
 async def test_a_line_that_is_not_a_phoenix_message_ends_the_session() -> None:

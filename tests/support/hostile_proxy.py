@@ -30,7 +30,7 @@ class HostileProxy:
         self.upstream = upstream
         self.mode = mode
         self.upgrades_sabotaged = 0
-        self.requests_forwarded = 0
+        self.connections_forwarded = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -88,7 +88,7 @@ class HostileProxy:
             self._sabotage(client, request_head)
             return
         with self._lock:
-            self.requests_forwarded += 1
+            self.connections_forwarded += 1
         try:
             upstream = self._track(socket.create_connection(self.upstream))
             upstream.sendall(head)
