@@ -17,6 +17,10 @@ $(E2E)/node_modules/.installed: $(E2E)/package.json $(E2E)/package-lock.json
 	cd $(E2E) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+.system-packages: scripts/install-system-packages.sh
+	scripts/install-system-packages.sh
+	@touch $@
+
 serve: $(VENV)/.installed
 	$(BIN)/phxbroker serve --config config.example.toml
 
@@ -24,8 +28,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(VENV)/.installed $(E2E)/node_modules/.installed lint
+test: $(VENV)/.installed $(E2E)/node_modules/.installed .system-packages lint
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) $(E2E)/node_modules .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(E2E)/node_modules .pytest_cache .ruff_cache .system-packages

@@ -190,9 +190,13 @@ async def test_readyz_fails_while_the_broker_does_not_answer(
 PROMETHEUS = shutil.which("prometheus") or os.environ.get("PHXBROKER_PROMETHEUS")
 
 
-@pytest.mark.skipif(not PROMETHEUS, reason="no prometheus binary (set PHXBROKER_PROMETHEUS)")
 def test_a_real_prometheus_server_scrapes_the_broker(broker_factory, tmp_path: Path) -> None:
-    """Runs where a Prometheus binary is available: it scrapes the broker and sees it up."""
+    """A real Prometheus server (installed by `make test`) scrapes the broker."""
+    if not PROMETHEUS:
+        pytest.fail(
+            "no prometheus binary: run scripts/install-system-packages.sh (or set "
+            "PHXBROKER_PROMETHEUS to one)"
+        )
     broker = broker_factory({"auth": {"allow_anonymous": True}})
     config = tmp_path / "prometheus.yml"
     config.write_text(
