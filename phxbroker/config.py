@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from phxbroker.topics import JoinPolicy, TopicRule, parse_pattern
 
 DEFAULT_LISTEN = "127.0.0.1:4000"
+# systemd's RuntimeDirectory=phxbroker creates /run/phxbroker for the daemon's user.
+DEFAULT_ADMIN_SOCKET = "/run/phxbroker/admin.sock"
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
 
 
 class ConfigError(Exception):
@@ -61,7 +64,31 @@ class AuthConfig:
     token_param: str = "token"
     user_param: str = ""
     allow_anonymous: bool = False
-    tokens: tuple[TokenEntry, ...] = ()
+    tokens: tuple[TokenEntry, ...] = ()  # the main config's and the tokens file's
+    tokens_file: Path | None = None  # managed by `phxbroker token`; resolved absolute
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key for the HTTP API; only its SHA-256 is kept in memory."""
+
+    name: str
+    sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    keys: tuple[ApiKey, ...] = ()  # no keys: the API answers every request with 404
+    max_body_size: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    socket: Path | None = Path(DEFAULT_ADMIN_SOCKET)  # None: no control socket
+    mode: int = 0o600
+    # Whether `socket` was set in the file: a default path that cannot be used only
+    # disables the control socket (with a warning); a configured one stops the start.
+    configured: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +119,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     longpoll: LongPollConfig = field(default_factory=LongPollConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
 
 class Table:
@@ -198,6 +227,18 @@ def _describe(value: Any) -> str:
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file; raise ConfigError with one clear sentence."""
     path = Path(path)
+    return parse_config(read_toml(path), path)
+
+
+def read_admin_config(path: str | Path) -> AdminConfig:
+    """Only the [admin] section of a config file: how the CLI finds the daemon, even while
+    the rest of the file is being edited."""
+    path = Path(path)
+    return _parse_admin(Table(read_toml(path), path, "").table("admin"), path.parent)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's document; ConfigError names the file when it cannot be had."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -205,24 +246,46 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(path, "", f"cannot be read ({exc.strerror})") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(path, "", "the file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML ({exc})") from None
-    return parse_config(data, path)
 
 
-def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> Config:
-    """Validate an already-parsed TOML document."""
+def parse_config(
+    data: dict[str, Any],
+    path: str | Path = "<config>",
+    *,
+    tokens_document: dict[str, Any] | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document.
+
+    Relative paths in it are taken from the config file's directory. The tokens file it
+    names is read too, unless `tokens_document` gives its content (to check a change
+    before writing it).
+    """
     root = Table(data, path, "")
+    base = Path(path).parent
     server = _parse_server(root.table("server"))
-    auth = _parse_auth(root.table("auth"))
+    auth = _parse_auth(root.table("auth"), base)
+    api = _parse_api(root.table("api"))
+    admin = _parse_admin(root.table("admin"), base)
     topics = tuple(_parse_topic(t) for t in root.tables("topics"))
     log = _parse_log(root.table("log"))
     longpoll = _parse_longpoll(root.table("longpoll"))
     metrics = _parse_metrics(root.table("metrics"))
     root.done()
+    if auth.tokens_file is not None:
+        if tokens_document is None:
+            tokens_document = read_toml(auth.tokens_file)
+        tokens, keys = parse_tokens_document(tokens_document, auth.tokens_file)
+        auth = replace(auth, tokens=auth.tokens + tokens)
+        api = replace(api, keys=api.keys + keys)
+    if any(e.user == "*" for e in auth.tokens) and not auth.user_param:
+        raise ConfigError(
+            path, "auth.user_param", 'must name a connect param when a token has user = "*"'
+        )
     return Config(
         path=Path(path),
         server=server,
@@ -231,7 +294,24 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> Config:
         log=log,
         longpoll=longpoll,
         metrics=metrics,
+        api=api,
+        admin=admin,
     )
+
+
+def parse_tokens_document(
+    data: dict[str, Any], path: str | Path
+) -> tuple[tuple[TokenEntry, ...], tuple[ApiKey, ...]]:
+    """The connect tokens ([[auth.tokens]]) and API keys ([[api.keys]]) of a tokens file."""
+    root = Table(data, path, "")
+    auth = root.table("auth")
+    tokens = _parse_tokens(auth)
+    auth.done()
+    api = root.table("api")
+    keys = _parse_api_keys(api)
+    api.done()
+    root.done()
+    return tokens, keys
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -274,41 +354,81 @@ def _parse_server(t: Table) -> ServerConfig:
     return cfg
 
 
-def _parse_auth(t: Table) -> AuthConfig:
+def _parse_auth(t: Table, base: Path) -> AuthConfig:
     d = AuthConfig()
+    tokens_file = t.str("tokens_file", "")
+    cfg = AuthConfig(
+        token_param=t.str("token_param", d.token_param),
+        user_param=t.str("user_param", d.user_param),
+        allow_anonymous=t.bool("allow_anonymous", d.allow_anonymous),
+        tokens=_parse_tokens(t),
+        tokens_file=(base / tokens_file).absolute() if tokens_file else None,
+    )
+    t.done()
+    return cfg
+
+
+def _parse_tokens(t: Table) -> tuple[TokenEntry, ...]:
     tokens = []
     for entry in t.tables("tokens"):
         user = entry.str("user", "")
         if not user:
             raise entry.error("user", 'is required (a user name, or "*" for a shared secret)')
-        tokens.append(TokenEntry(user=user, sha256=_token_digest(entry)))
+        tokens.append(TokenEntry(user=user, sha256=_secret_digest(entry, "token")))
         entry.done()
-    cfg = AuthConfig(
-        token_param=t.str("token_param", d.token_param),
-        user_param=t.str("user_param", d.user_param),
-        allow_anonymous=t.bool("allow_anonymous", d.allow_anonymous),
-        tokens=tuple(tokens),
-    )
-    if any(e.user == "*" for e in cfg.tokens) and not cfg.user_param:
-        raise t.error("user_param", 'must name a connect param when a token has user = "*"')
-    t.done()
-    return cfg
+    return tuple(tokens)
 
 
-def _token_digest(entry: Table) -> bytes:
-    token = entry.str("token", "")
-    hexdigest = entry.str("token_sha256", "")
-    if bool(token) == bool(hexdigest):
-        raise entry.error("token", 'give exactly one of "token" or "token_sha256"')
-    if token:
-        return hashlib.sha256(token.encode()).digest()
+def _secret_digest(entry: Table, name: str) -> bytes:
+    """The SHA-256 of a secret given as `<name>` (in clear) or `<name>_sha256` (hex)."""
+    secret = entry.str(name, "")
+    hexdigest = entry.str(f"{name}_sha256", "")
+    if bool(secret) == bool(hexdigest):
+        raise entry.error(name, f'give exactly one of "{name}" or "{name}_sha256"')
+    if secret:
+        return hashlib.sha256(secret.encode()).digest()
     try:
         digest = bytes.fromhex(hexdigest)
     except ValueError:
         digest = b""
     if len(digest) != 32:
-        raise entry.error("token_sha256", "must be 64 hexadecimal characters (a SHA-256 digest)")
+        raise entry.error(f"{name}_sha256", "must be 64 hexadecimal characters (a SHA-256 digest)")
     return digest
+
+
+def _parse_api(t: Table) -> ApiConfig:
+    d = ApiConfig()
+    cfg = ApiConfig(
+        keys=_parse_api_keys(t),
+        max_body_size=t.int("max_body_size", d.max_body_size, minimum=64),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_api_keys(t: Table) -> tuple[ApiKey, ...]:
+    keys = []
+    for entry in t.tables("keys"):
+        name = entry.str("name", "")
+        if not name:
+            raise entry.error("name", "is required (it names the key in logs)")
+        keys.append(ApiKey(name=name, sha256=_secret_digest(entry, "key")))
+        entry.done()
+    return tuple(keys)
+
+
+def _parse_admin(t: Table, base: Path) -> AdminConfig:
+    d = AdminConfig()
+    configured = t.has("socket")
+    text = t.str("socket", DEFAULT_ADMIN_SOCKET)
+    socket = (base / text).absolute() if text else None
+    if socket is not None and len(str(socket).encode()) > MAX_UNIX_PATH:
+        raise t.error("socket", f"the path is longer than {MAX_UNIX_PATH} bytes: {socket}")
+    mode = t.int("mode", d.mode, minimum=0)
+    if mode > 0o777:
+        raise t.error("mode", "must be at most 0o777 (write it in octal, e.g. 0o600)")
+    t.done()
+    return AdminConfig(socket=socket, mode=mode, configured=configured)
 
 
 _JOIN_WORDS = {"anyone", "authenticated", "self"}

@@ -91,6 +91,15 @@ token_sha256 = "{digest}"
             "not one of",
         ),
         ("[[topics]]\npattern = 'x'\nrelay = 'new_msg'", "topics[0].relay", "list of strings"),
+        ("[[api.keys]]\nkey = 'x'", "api.keys[0].name", "is required"),
+        ("[[api.keys]]\nname = 'a'", "api.keys[0].key", "exactly one"),
+        ("[[api.keys]]\nname = 'a'\nkey_sha256 = 'zz'", "api.keys[0].key_sha256", "64 hex"),
+        ("[api]\nmax_body_size = 1", "api.max_body_size", "at least 64"),
+        ("[api]\nkeys = ['secret']", "api.keys", "array of tables"),
+        ("[admin]\nmode = 600", "admin.mode", "at most 0o777"),
+        (f"[admin]\nsocket = '/{'x' * 120}'", "admin.socket", "longer than 107 bytes"),
+        ("[admin]\nsocket = 1", "admin.socket", "expected a string"),
+        ("[auth]\ntokens_file = 1", "auth.tokens_file", "expected a string"),
         ("[log]\nlevel = 'loud'", "log.level", "expected"),
         ("[surver]\nlisten = 'a:1'", "surver", "unknown key"),
         ("topics = 3", "topics", "array of tables"),
@@ -151,3 +160,88 @@ def test_serve_reports_a_taken_port_in_one_sentence(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in result.stderr
+
+
+def test_api_keys_are_kept_only_as_digests(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"k2").hexdigest()
+    text = (
+        f"[[api.keys]]\nname = 'a'\nkey = 'k1'\n[[api.keys]]\nname = 'b'\nkey_sha256 = '{digest}'"
+    )
+    config = load_config(write(tmp_path, text))
+    assert [(k.name, k.sha256) for k in config.api.keys] == [
+        ("a", hashlib.sha256(b"k1").digest()),
+        ("b", bytes.fromhex(digest)),
+    ]
+    assert "k1" not in repr(config)
+
+
+def test_admin_socket_default_relative_and_off(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, "")).admin
+    assert (default.socket, default.mode, default.configured) == (
+        Path("/run/phxbroker/admin.sock"),
+        0o600,
+        False,
+    )
+    relative = load_config(write(tmp_path, "[admin]\nsocket = 'run/admin.sock'\nmode = 0o660"))
+    assert relative.admin.socket == tmp_path / "run" / "admin.sock"
+    assert (relative.admin.mode, relative.admin.configured) == (0o660, True)
+    assert load_config(write(tmp_path, "[admin]\nsocket = ''")).admin.socket is None
+
+
+def test_the_tokens_file_adds_tokens_and_api_keys(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "tokens.toml").write_text(
+        f"""
+[[auth.tokens]]
+user = "carol"
+token_sha256 = "{hashlib.sha256(b"c-secret").hexdigest()}"
+[[api.keys]]
+name = "backend"
+key = "api-secret"
+"""
+    )
+    text = """
+[auth]
+tokens_file = "secrets/tokens.toml"
+[[auth.tokens]]
+user = "alice"
+token = "a-secret"
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.auth.tokens_file == tmp_path / "secrets" / "tokens.toml"
+    assert [(t.user, t.sha256) for t in config.auth.tokens] == [
+        ("alice", hashlib.sha256(b"a-secret").digest()),
+        ("carol", hashlib.sha256(b"c-secret").digest()),
+    ]
+    assert [k.name for k in config.api.keys] == ["backend"]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "key", "reason"),
+    [
+        (None, "", "does not exist"),
+        ("[[auth.tokens]]\nuser = 'a'", "auth.tokens[0].token", "exactly one"),
+        ("[auth]\ntoken_param = 'x'", "auth.token_param", "unknown key"),
+        ("[server]\nlisten = 'a:1'", "server", "unknown key"),
+        ("[[api.keys]]\nname = ''\nkey = 'k'", "api.keys[0].name", "is required"),
+    ],
+)
+def test_mistakes_in_the_tokens_file_name_that_file(
+    tmp_path: Path, tokens: str | None, key: str, reason: str
+) -> None:
+    tokens_path = tmp_path / "tokens.toml"
+    if tokens is not None:
+        tokens_path.write_text(tokens)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[auth]\ntokens_file = 'tokens.toml'"))
+    message = str(info.value)
+    assert f"config error in {tokens_path}" in message
+    assert (f"at {key}:" in message) if key else True
+    assert reason in message
+
+
+def test_a_shared_secret_in_the_tokens_file_needs_a_user_param(tmp_path: Path) -> None:
+    (tmp_path / "tokens.toml").write_text("[[auth.tokens]]\nuser = '*'\ntoken = 'shared'")
+    path = write(tmp_path, "[auth]\ntokens_file = 'tokens.toml'")
+    with pytest.raises(ConfigError, match=r"at auth.user_param: must name a connect param"):
+        load_config(path)
