@@ -41,10 +41,15 @@ class FrontDoor:
         # Transports other than the websocket, by sub-path under every socket path
         # ("/longpoll"); their handler answers every method itself.
         self.transports: dict[str, Handler] = {}
+        self.fallbacks: dict[str, Handler] = {}
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         """Serve `method path` with handler(conn, request), which reads and responds itself."""
         self.routes.setdefault(path, {})[method] = handler
+
+    def fallback(self, prefix: str, handler: Handler) -> None:
+        """Serve requests under `prefix` that no route takes (its own 404 and 405)."""
+        self.fallbacks[prefix] = handler
 
     async def serve(self, sock: socket.socket, remote: str) -> None:
         """Answer requests on one connection until it closes or is upgraded."""
@@ -74,6 +79,11 @@ class FrontDoor:
                 await transport(conn, request)
                 return False
         handlers = self.routes.get(request.path)
+        if handlers is None or request.method not in handlers:
+            for prefix, fallback in self.fallbacks.items():
+                if request.path.startswith(prefix):
+                    await fallback(conn, request)
+                    return False
         if handlers is None:
             await conn.respond(404, b"not found\n", content_type="text/plain")
         elif request.method not in handlers:

@@ -133,6 +133,10 @@ class HttpConnection:
         # h11 has already checked that a Content-Length header is a valid integer.
         if declared and int(declared.split(",")[0]) > limit:
             raise BadRequest(413, f"request body larger than {limit} bytes")
+        if self.h11.they_are_waiting_for_100_continue:
+            # curl sends "Expect: 100-continue" with larger bodies and waits a second for it.
+            continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await send_all(self.sock, self.h11.send(continue_))
         chunks: list[bytes] = []
         size = 0
         with trio.move_on_after(self.timeout):

@@ -12,10 +12,11 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from phxbroker import api
 from phxbroker.auth import Authenticator
 from phxbroker.broker import Broker
 from phxbroker.config import Config, ConfigError, load_config
@@ -36,6 +37,8 @@ ACCEPT_BATCH = 64
 SWEEP_INTERVAL = 1.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
+
+T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -65,6 +68,7 @@ class Server:
         install_health(self)
         install_metrics(self)
         self.longpoll = LongPoll(self)
+        api.install(self)
 
     def _apply_limits(self, config: Config) -> None:
         self.hub.outbox_limit = config.server.outbox_limit
@@ -81,6 +85,27 @@ class Server:
     def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` during shutdown, after websockets were told to close."""
         self._shutdown_hooks.append(hook)
+
+    async def ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the broker task, the only one that may touch broker state, and
+        return its result (or raise its exception) here."""
+        done = trio.Event()
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append((True, fn(*args)))
+            except Exception as exc:
+                result.append((False, exc))
+            finally:
+                done.set()
+
+        await self.commands.send((run, ()))
+        await done.wait()
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
 
     # -- running -------------------------------------------------------------------------
 

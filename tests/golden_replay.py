@@ -59,10 +59,13 @@ def mask(value: Any, *, hits: bool = False) -> Any:
 
 @asynccontextmanager
 async def serve(config_toml: str):
-    """A real phxbroker server on an ephemeral port, in this test's event loop."""
+    """A real phxbroker server on an ephemeral port, in this test's event loop (without
+    an admin control socket unless the config names one)."""
     import tomllib
 
-    config = parse_config(tomllib.loads(config_toml), "<golden config>")
+    data = tomllib.loads(config_toml)
+    data.setdefault("admin", {}).setdefault("socket", "")
+    config = parse_config(data, "<golden config>")
     server = Server(config)
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(server.serve)
@@ -120,6 +123,18 @@ class Replay:
     pending_handshake: str | None = None
     # Long-poll session tokens: the captured server's -> ours, substituted into requests.
     session_tokens: dict[str, str] = field(default_factory=dict)
+    # Sent with every captured HTTP request (the capture's API had no authentication).
+    http_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Response fields phxbroker adds to the captured JSON bodies; each response with them
+    # is kept in `http_bodies` for the test to check.
+    http_extra_fields: frozenset[str] = frozenset()
+    http_bodies: list[dict[str, Any]] = field(default_factory=list)
+    # Compare each run of presence frames by the state phoenix.js ends up with rather than
+    # frame by frame: for captures where two joins raced (see the transcripts' README).
+    settle_presence: bool = False
+    _consumed: set[int] = field(default_factory=set)
+    _presence_captured: dict[str, list[str]] = field(default_factory=dict)
+    _presence_received: dict[str, list[str]] = field(default_factory=dict)
 
     async def open(self, name: str, target: str) -> None:
         query = urlsplit(target).query
@@ -140,6 +155,8 @@ class Replay:
 
     async def step(self, index: int, line: dict[str, Any], lines: list[dict[str, Any]]) -> None:
         where = f"{self.scenario} line {index + 1}"
+        if index in self._consumed:
+            return
         kind, direction = line["opcode"], line["dir"]
         client_name = line.get("client", "")
         if direction == "note":
@@ -161,11 +178,13 @@ class Replay:
                 frame = dict(line["frame"])
                 for theirs, ours in self.session_tokens.items():
                     frame["path"] = frame["path"].replace(theirs, ours)
-                response = await http_request(self.port, frame)
+                response = await http_request(self.port, frame, self.http_headers)
                 expected = lines[index + 1]
                 assert expected["dir"] == "in" and expected["opcode"] == "http", where
-                compare_http(response, expected["frame"], f"{where} (+1)")
+                compare_http(response, expected["frame"], f"{where} (+1)", self.http_extra_fields)
                 self.learn_session_token(response, expected["frame"])
+                if self.http_extra_fields:
+                    self.http_bodies.append(json.loads(response["body"]))
             return
         client = self.clients[client_name]
         if direction == "out":
@@ -195,6 +214,9 @@ class Replay:
         expected_event = _event_of(line["frame"]) if kind == "text" else None
         if expected_event in self.skip_events:
             return
+        if self.settle_presence and expected_event in PRESENCE_EVENTS:
+            await self.compare_presence_run(client, index, lines, where)
+            return
         got_kind, data = await self.next_relevant(client)
         assert got_kind == kind, f"{where}: expected a {kind} frame, got {got_kind} {data!r}"
         if kind == "binary":
@@ -210,6 +232,41 @@ class Replay:
         theirs, ours = _session_token(want.get("body")), _session_token(got.get("body"))
         if theirs and ours:
             self.session_tokens[theirs] = ours
+
+    async def compare_presence_run(
+        self, client: Client, index: int, lines: list[dict[str, Any]], where: str
+    ) -> None:
+        """After the captured run of presence frames starting at `index`, phoenix.js must
+        hold the same presence state (refs masked) as after the frames received so far.
+
+        Frames are read until the states agree: how many frames a server sends for the
+        same outcome depends on how the joins interleaved.
+        """
+        captured = self._presence_captured.setdefault(client.name, [])
+        received = self._presence_received.setdefault(client.name, [])
+        for later, line in enumerate(lines[index:], start=index):
+            if not (
+                line["dir"] == "in"
+                and line["opcode"] == "text"
+                and line.get("client") == client.name
+                and _event_of(line["frame"]) in PRESENCE_EVENTS
+            ):
+                break
+            captured.append(line["frame"])
+            self._consumed.add(later)
+        want = presence_view(captured)
+        while presence_view(received) != want:
+            try:
+                got_kind, data = await self.next_relevant(client)
+            except AssertionError:
+                raise AssertionError(
+                    f"{where}: presence state never became {want}; "
+                    f"received frames give {presence_view(received)}"
+                ) from None
+            assert got_kind == "text" and _event_of(data) in PRESENCE_EVENTS, (
+                f"{where}: expected presence frames giving {want}, got {got_kind} {data!r}"
+            )
+            received.append(data)
 
     async def next_relevant(self, client: Client) -> tuple[str, Any]:
         """The client's next frame, passing over events this replay does not compare."""
@@ -241,6 +298,49 @@ def _path_of(target: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
+PRESENCE_EVENTS = frozenset({"presence_state", "presence_diff"})
+
+
+def presence_view(frames: list[str]) -> dict[str, list[Any]]:
+    """The presence state phoenix.js's Presence holds after these frames (diffs before the
+    first state wait for it; metas merge by phx_ref), with per-run fields masked."""
+    state: dict[str, list[dict[str, Any]]] | None = None
+    pending: list[dict[str, Any]] = []
+    for frame in frames:
+        value = json.loads(frame)
+        event, payload = (
+            (value[3], value[4])
+            if isinstance(value, list)
+            else (
+                value["event"],
+                value["payload"],
+            )
+        )
+        if event == "presence_state":
+            state = {key: list(entry["metas"]) for key, entry in payload.items()}
+            for diff in pending:
+                _apply_presence_diff(state, diff)
+            pending = []
+        elif state is None:
+            pending.append(payload)
+        else:
+            _apply_presence_diff(state, payload)
+    return {key: mask(metas) for key, metas in sorted((state or {}).items())}
+
+
+def _apply_presence_diff(state: dict[str, list[Any]], diff: dict[str, Any]) -> None:
+    for key, entry in diff["joins"].items():
+        refs = {meta["phx_ref"] for meta in entry["metas"]}
+        state[key] = [m for m in state.get(key, []) if m["phx_ref"] not in refs] + entry["metas"]
+    for key, entry in diff["leaves"].items():
+        refs = {meta["phx_ref"] for meta in entry["metas"]}
+        remaining = [m for m in state.get(key, []) if m["phx_ref"] not in refs]
+        if remaining:
+            state[key] = remaining
+        else:
+            state.pop(key, None)
+
+
 def _event_of(text: str) -> str | None:
     try:
         value = json.loads(text)
@@ -253,7 +353,9 @@ def _event_of(text: str) -> str | None:
     return None
 
 
-async def http_request(port: int, frame: dict[str, Any]) -> dict[str, Any]:
+async def http_request(
+    port: int, frame: dict[str, Any], extra_headers: list[tuple[str, str]] = ()
+) -> dict[str, Any]:
     """Perform the captured HTTP request as a plain client would (Connection: close)."""
     body = frame.get("body")
     data = body.encode() if isinstance(body, str) else b""
@@ -265,6 +367,7 @@ async def http_request(port: int, frame: dict[str, Any]) -> dict[str, Any]:
     ]
     if frame.get("content_type"):
         headers.append(f"content-type: {frame['content_type']}")
+    headers.extend(f"{name}: {value}" for name, value in extra_headers)
     raw = ("\r\n".join(headers) + "\r\n\r\n").encode() + data
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -309,11 +412,20 @@ def _normalize_longpoll(value: Any) -> Any:
     return out
 
 
-def compare_http(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
-    """Status and body must match; so must the CORS header where the capture has one."""
+def compare_http(
+    got: dict[str, Any],
+    want: dict[str, Any],
+    where: str,
+    extra_fields: frozenset[str] = frozenset(),
+) -> None:
+    """Status and body must match (but for `extra_fields`, which phxbroker adds to a JSON
+    body); so must the CORS header where the capture has one."""
     assert got["status"] == want["status"], f"{where}: status {got['status']} != {want['status']}"
     if want.get("body", "").startswith("{"):
-        have = mask(_normalize_longpoll(json.loads(got["body"])))
+        body = json.loads(got["body"])
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k not in extra_fields}
+        have = mask(_normalize_longpoll(body))
         expected = mask(_normalize_longpoll(json.loads(want["body"])))
         assert have == expected, f"{where}: body {got['body']!r} != {want['body']!r}"
     else:
