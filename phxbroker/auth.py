@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from phxbroker.bans import Bans
 from phxbroker.config import AuthConfig
 
 MAX_USER_LENGTH = 200
@@ -34,14 +35,24 @@ class Refused(Exception):
 class Authenticator:
     """Checks connect params (and a header-borne token) against the [auth] config."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, bans: Bans | None = None) -> None:
         self.config = config
+        self.bans = bans if bans is not None else Bans()
         self._by_digest: dict[bytes, str] = {}
         for entry in config.tokens:
             self._by_digest[entry.sha256] = entry.user
 
     def authenticate(self, params: dict[str, str], header_token: str | None = None) -> Identity:
-        """Identify a connecting client or raise Refused. Never echoes the token."""
+        """Identify a connecting client or raise Refused (also for a banned user). Never
+        echoes the token."""
+        identity = self._identify(params, header_token)
+        if identity.user is not None:
+            left = self.bans.remaining(identity.user)
+            if left is not None:
+                raise Refused("banned", f"user {identity.user!r} is banned for {left:.0f} s more")
+        return identity
+
+    def _identify(self, params: dict[str, str], header_token: str | None) -> Identity:
         cfg = self.config
         token = header_token if header_token is not None else params.get(cfg.token_param)
         if not token:

@@ -9,17 +9,10 @@ from pathlib import Path
 import click
 import trio
 
-from phxbroker import __version__
+from phxbroker import __version__, cli_admin
+from phxbroker.cli_common import DEFAULT_CONFIG, OneSentenceGroup, fail
 from phxbroker.config import ConfigError, load_config, parse_listen
 from phxbroker.server import Server, StartupError
-
-DEFAULT_CONFIG = "/etc/phxbroker/phxbroker.toml"
-
-
-def fail(message: str, code: int = 1) -> None:
-    """Print one sentence to stderr and exit non-zero."""
-    click.echo(f"phxbroker: {message}", err=True)
-    sys.exit(code)
 
 
 def setup_logging(level: str) -> None:
@@ -30,7 +23,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="phxbroker")
 def main() -> None:
     """phxbroker: a standalone Phoenix Channels broker."""
@@ -81,3 +74,7 @@ def check_config(config_path: Path) -> None:
         f"{config_path}: ok ({len(config.topics)} topic patterns, "
         f"{len(config.auth.tokens)} static tokens)"
     )
+
+
+for _command in cli_admin.COMMANDS:
+    main.add_command(_command)

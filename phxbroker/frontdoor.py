@@ -129,7 +129,8 @@ class FrontDoor:
         try:
             identity = server.authenticator.authenticate(request.params, header_token)
         except Refused as exc:
-            server.stats.auth_failures += 1
+            if exc.reason != "banned":
+                server.stats.auth_failures += 1
             return await self._refuse(conn, request, exc.reason, str(exc))
 
         problem = upgrade_problem(request)

@@ -53,5 +53,6 @@ async def build_report(server: Server) -> dict[str, Any]:
         "rss_bytes": rss_bytes(),
         "connections": counters["connections_open"] + counters.get("longpoll_open", 0),
         **view,
+        "bans": {user: round(left, 1) for user, left in server.bans.active().items()},
         "counters": counters,
     }

@@ -18,8 +18,10 @@ import trio
 
 from phxbroker import api
 from phxbroker.auth import Authenticator
+from phxbroker.bans import Bans
 from phxbroker.broker import Broker
 from phxbroker.config import Config, ConfigError, load_config
+from phxbroker.control import ControlSocket, ControlSocketError
 from phxbroker.frontdoor import FrontDoor
 from phxbroker.health import install_health
 from phxbroker.http import Request
@@ -52,7 +54,8 @@ class Server:
         self.config = config
         self.stats = Stats()
         self.hub = SocketHub(self.stats)
-        self.authenticator = Authenticator(config.auth)
+        self.bans = Bans()  # outlive reloads: the authenticator is rebuilt, bans are kept
+        self.authenticator = Authenticator(config.auth, self.bans)
         self.broker = Broker(config, self.stats, clock=trio.current_time)
         self.frontdoor = FrontDoor(self)
         self.commands, self._inbox = trio.open_memory_channel[Any](BROKER_QUEUE)
@@ -115,11 +118,18 @@ class Server:
         """Listen and serve until cancelled; SIGTERM/SIGINT end it cleanly."""
         self._listener = self._bind()
         self.listen_address = self._listener.getsockname()[:2]
+        control = None
         try:
+            try:
+                control = ControlSocket.open(self)
+            except ControlSocketError as exc:
+                raise StartupError(str(exc)) from None
             async with trio.open_nursery() as nursery:
                 self.hub.attach(nursery)
                 self.hub.now = trio.current_time()
                 nursery.start_soon(self._run_broker)
+                if control is not None:
+                    nursery.start_soon(control.serve)
                 nursery.start_soon(self._sweep)
                 nursery.start_soon(self._handle_signals, nursery)
                 nursery.start_soon(self._accept, nursery)
@@ -131,6 +141,8 @@ class Server:
         finally:
             if self._listener is not None:
                 close_socket(self._listener)
+            if control is not None:
+                control.close()
 
     def _bind(self) -> socket.socket:
         cfg = self.config.server
@@ -307,7 +319,7 @@ class Server:
         ):
             log.warning("reload: a new listen address takes effect only after a restart")
         self.config = new
-        self.authenticator = Authenticator(new.auth)
+        self.authenticator = Authenticator(new.auth, self.bans)
         self._apply_limits(new)
         await self.commands.send((self._apply_in_broker, (new,)))
         log.info("reloaded config from %s", path)

@@ -30,6 +30,8 @@ max_frame_size = 2048
 outbox_limit = 65536
 handshake_timeout = 1
 max_header_size = 4096
+[admin]
+socket = ""
 [[auth.tokens]]
 user = "alice"
 token = "alice-token"

@@ -20,6 +20,7 @@ LISTENING = re.compile(
     r"listening on (?P<scheme>https?)://(?P<host>\[[^\]]+\]|[^\s:/]+):(?P<port>\d+)"
 )
 EPHEMERAL_LISTEN = "127.0.0.1:0"
+ADMIN_SOCKET = "admin.sock"  # relative to the config file: each broker has its own
 
 
 class BrokerError(AssertionError):
@@ -30,8 +31,9 @@ class BrokerProcess:
     """One `phxbroker serve` process started from a TOML config written to `workdir`.
 
     A config given as a dict is dumped with tomli-w and gets `[server] listen =
-    "127.0.0.1:0"` unless it names its own; a config given as a string is written
-    verbatim, so it must choose its own listen address. Both output streams are
+    "127.0.0.1:0"` and `[admin] socket = "admin.sock"` (in `workdir`) unless it names its
+    own; a config given as a string is written verbatim, so it must choose its own listen
+    address and admin socket. Both output streams are
     drained by threads into `lines` for as long as the process runs.
     """
 
@@ -200,4 +202,5 @@ def _config_text(config: str | Mapping[str, Any]) -> str:
         return config
     data = copy.deepcopy(dict(config))
     data.setdefault("server", {}).setdefault("listen", EPHEMERAL_LISTEN)
+    data.setdefault("admin", {}).setdefault("socket", ADMIN_SOCKET)
     return tomli_w.dumps(data)
