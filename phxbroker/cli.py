@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import trio
 
-from phxbroker import __version__, cli_admin
+from phxbroker import __version__, cli_admin, cli_tokens
 from phxbroker.cli_common import DEFAULT_CONFIG, OneSentenceGroup, fail
 from phxbroker.config import ConfigError, load_config, parse_listen
 from phxbroker.server import Server, StartupError
@@ -76,5 +76,5 @@ def check_config(config_path: Path) -> None:
     )
 
 
-for _command in cli_admin.COMMANDS:
+for _command in (*cli_admin.COMMANDS, *cli_tokens.COMMANDS):
     main.add_command(_command)

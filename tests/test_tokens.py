@@ -1,0 +1,169 @@
+"""`phxbroker init` and `phxbroker token`: the files they write and what they print."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_cli import assert_one_sentence, cli
+
+from phxbroker.config import load_config
+
+MAIN_CONFIG = """\
+# Hand-written: these comments must survive every token command.
+[auth]
+tokens_file = "tokens.toml"   # next to this file
+user_param = "user"
+
+[[auth.tokens]]
+user = "carol"
+token = "carol-token"          # kept in the main config on purpose
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "phxbroker.toml"
+    path.write_text(MAIN_CONFIG)
+    return path
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def add(config: Path, name: str, *flags: str) -> str:
+    result = cli("token", "add", name, *flags, "--config", config)
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.strip()
+    assert result.stdout == secret + "\n"  # the secret, alone on stdout
+    return secret
+
+
+# -- init ----------------------------------------------------------------------------------
+
+
+def test_init_writes_a_working_config_and_secrets_shown_once(tmp_path: Path) -> None:
+    target = tmp_path / "etc"
+    result = cli("init", target, "--user", "alice", "--user", "bob")
+    assert result.returncode == 0, result.stderr
+
+    secrets = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    assert set(secrets) == {"api key backend", "token alice", "token bob"}
+    config_path, tokens_path = target / "phxbroker.toml", target / "tokens.toml"
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(tokens_path.stat().st_mode) == 0o600
+    assert config_path.read_text().startswith("# phxbroker configuration")
+    for secret in secrets.values():
+        assert len(secret) >= 40
+        assert secret not in config_path.read_text() + tokens_path.read_text()
+
+    config = load_config(config_path)
+    assert [(t.user, t.sha256) for t in config.auth.tokens] == [
+        ("alice", digest(secrets["token alice"])),
+        ("bob", digest(secrets["token bob"])),
+    ]
+    assert [(k.name, k.sha256) for k in config.api.keys] == [
+        ("backend", digest(secrets["api key backend"]))
+    ]
+
+
+@pytest.mark.parametrize("existing", ["phxbroker.toml", "tokens.toml"])
+def test_init_never_overwrites(tmp_path: Path, existing: str) -> None:
+    (tmp_path / existing).write_text("# mine\n")
+    assert_one_sentence(cli("init", tmp_path), 1, str(tmp_path / existing), "already exists")
+    assert (tmp_path / existing).read_text() == "# mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+
+
+# -- token add / revoke / list -------------------------------------------------------------
+
+
+def test_token_add_stores_only_the_digest_atomically_and_keeps_the_main_config(
+    config: Path,
+) -> None:
+    tokens_path = config.parent / "tokens.toml"
+    first = add(config, "alice")
+    second = add(config, "alice")  # a second token for the same user (rotation)
+    key = add(config, "backend", "--api")
+
+    assert stat.S_IMODE(tokens_path.stat().st_mode) == 0o600
+    text = tokens_path.read_text()
+    assert first not in text and second not in text and key not in text
+    assert config.read_text() == MAIN_CONFIG  # byte for byte, comments and all
+    assert sorted(p.name for p in config.parent.iterdir()) == ["phxbroker.toml", "tokens.toml"]
+
+    loaded = load_config(config)
+    assert [(t.user, t.sha256) for t in loaded.auth.tokens] == [
+        ("carol", digest("carol-token")),
+        ("alice", digest(first)),
+        ("alice", digest(second)),
+    ]
+    assert [(k.name, k.sha256) for k in loaded.api.keys] == [("backend", digest(key))]
+
+
+def test_token_revoke_removes_every_token_of_the_user(config: Path) -> None:
+    add(config, "alice")
+    add(config, "alice")
+    kept = add(config, "bob")
+
+    result = cli("token", "revoke", "alice", "--config", config)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("revoked 2 tokens of alice;")
+    assert [t.user for t in load_config(config).auth.tokens] == ["carol", "bob"]
+    assert load_config(config).auth.tokens[1].sha256 == digest(kept)
+    assert_one_sentence(cli("token", "revoke", "alice", "--config", config), 1, "no token")
+    assert_one_sentence(
+        cli("token", "revoke", "carol", "--config", config), 1, str(config), "by hand"
+    )
+
+
+def test_token_list_names_but_never_shows_secrets(config: Path) -> None:
+    secret = add(config, "alice")
+    key = add(config, "backend", "--api")
+
+    table = cli("token", "list", "--config", config)
+    as_json = cli("token", "list", "--json", "--config", config)
+
+    for result in (table, as_json):
+        assert result.returncode == 0, result.stderr
+        assert secret not in result.stdout and key not in result.stdout
+        assert "carol-token" not in result.stdout
+    assert "alice" in table.stdout and "backend" in table.stdout
+    assert hashlib.sha256(secret.encode()).hexdigest()[:12] in table.stdout
+    rows = {(r["kind"], r["name"]) for r in json.loads(as_json.stdout)}
+    assert rows == {("token", "carol"), ("token", "alice"), ("api key", "backend")}
+
+
+def test_a_change_that_would_break_the_config_is_not_saved(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text('[auth]\ntokens_file = "tokens.toml"\n')  # no user_param
+    result = cli("token", "add", "*", "--config", config)
+    assert_one_sentence(result, 2, "not saved", "auth.user_param")
+    assert result.stdout == ""  # no secret printed for a token that does not exist
+    assert not (tmp_path / "tokens.toml").exists()
+
+
+def test_token_commands_need_a_tokens_file(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text("[auth]\n")
+    for args in (["add", "alice"], ["revoke", "alice"], ["list"]):
+        assert_one_sentence(
+            cli("token", *args, "--config", config), 2, "auth.tokens_file", "is not set"
+        )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_a_rewritten_tokens_file_keeps_its_owner(config: Path) -> None:
+    add(config, "alice")
+    tokens_path = config.parent / "tokens.toml"
+    os.chown(tokens_path, 65534, 65534)  # e.g. the daemon's own user
+    add(config, "bob")
+    info = tokens_path.stat()
+    assert (info.st_uid, info.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(info.st_mode) == 0o600
