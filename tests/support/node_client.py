@@ -224,6 +224,13 @@ class NodeClient:
             proc.kill()
             proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL the Node process: its socket drops without a close frame or a leave."""
+        proc = self._require_proc()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def diagnostics(self, last: int = 40) -> str:
         """The last events and the driver's stderr, for failure reports."""
         events = list(self.events)

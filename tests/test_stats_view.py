@@ -1,0 +1,156 @@
+"""`phxbroker stats` as an operator sees it: run in a pseudo-terminal, its screen read with
+a terminal emulator (pyte) while phoenix.js clients come and go."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pyte
+import pytest
+from support.broker import BrokerProcess
+from support.node_client import NodeClient
+
+COLUMNS, ROWS = 110, 45
+TOKENS = [{"user": "alice", "token": "alice-token"}, {"user": "bob", "token": "bob-token"}]
+CONFIG = {
+    "auth": {"tokens": TOKENS},
+    "topics": [{"pattern": "room:*", "echo": ["ping"], "presence": True}],
+}
+
+
+class Terminal:
+    """A program running in a pseudo-terminal, its output kept on an emulated screen."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.screen = pyte.Screen(COLUMNS, ROWS)
+        self._stream = pyte.ByteStream(self.screen)
+        self._changed = threading.Condition()
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**env, "TERM": "xterm-256color"},
+            start_new_session=True,  # the pty becomes its controlling terminal
+        )
+        os.close(slave)
+        self.master = master
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                data = b""
+            with self._changed:
+                if data:
+                    self._stream.feed(data)
+                self._changed.notify_all()
+            if not data:
+                return
+
+    def text(self) -> str:
+        with self._changed:
+            return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def wait_for(self, predicate: Callable[[str], bool], what: str, timeout: float = 10) -> str:
+        """The screen's text once `predicate` holds for it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                text = "\n".join(line.rstrip() for line in self.screen.display)
+                if predicate(text):
+                    return text
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"the screen never showed {what}; it shows:\n{text}")
+                self._changed.wait(min(remaining, 0.2))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self.master)
+
+
+def figure(text: str, label: str) -> str | None:
+    """The value column of the row named `label` on the stats screen."""
+    found = re.search(rf"^{re.escape(label)}\s+(\S+)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def shows(label: str, value: str) -> Callable[[str], bool]:
+    return lambda text: figure(text, label) == value
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[[list[str]], Terminal]]:
+    opened: list[Terminal] = []
+
+    def open_terminal(argv: list[str]) -> Terminal:
+        opened.append(Terminal(argv))
+        return opened[-1]
+
+    yield open_terminal
+    for term in opened:
+        term.close()
+
+
+def test_the_live_view_refreshes_in_place_as_clients_come_and_go(
+    broker_factory: Callable[..., BrokerProcess],
+    node_client_factory: Callable[..., NodeClient],
+    terminal: Callable[[list[str]], Terminal],
+) -> None:
+    broker = broker_factory(CONFIG)
+    argv = [sys.executable, "-m", "phxbroker", "stats", "--interval", "0.2"]
+    term = terminal([*argv, "--config", str(broker.config_path)])
+
+    text = term.wait_for(shows("connections", "0"), "0 connections")
+    assert f"pid {broker.pid}" in text
+    for label in ("memory", "messages in", "bytes out", "slow clients dropped", "auth failures"):
+        assert label in text
+
+    clients = []
+    for token in ("alice-token", "bob-token"):
+        client = node_client_factory(token.removesuffix("-token"))
+        client.connect(broker.socket_url(), {"token": token})
+        client.expect_open()
+        assert client.join("room:lobby")["status"] == "ok"
+        clients.append(client)
+    text = term.wait_for(shows("connections", "2"), "2 connections")
+    text = term.wait_for(
+        lambda t: re.search(r"^room:lobby\s+2\s+2\s+2\s+0$", t, re.MULTILINE) is not None,
+        "room:lobby with 2 subscribers and 2 presences",
+    )
+    assert figure(text, "users") == "2"
+
+    # Traffic shows as a rate while it flows.
+    def busy(text: str) -> bool:
+        clients[0].call("room:lobby", "ping", {})
+        rate = re.search(r"^messages in\s+\S+\s+([\d,.]+)/s", text, re.MULTILINE)
+        return rate is not None and float(rate.group(1).replace(",", "")) > 0
+
+    term.wait_for(busy, "a messages-in rate above zero")
+
+    clients[1].disconnect()
+    text = term.wait_for(shows("connections", "1"), "1 connection")
+    # Refreshed in place: one view on the screen, not a scroll of copies.
+    assert text.count("slow clients dropped") == 1
+
+    os.killpg(term.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+    assert term.proc.wait(timeout=10) == 0
+    assert "Traceback" not in term.text()
