@@ -247,6 +247,7 @@ async def test_stats_reports_connections_topics_and_counters() -> None:
         {"topic": "room:lobby", "subscribers": 2, "users": 0, "presences": None, "hits": 0}
     ]
     assert report["counters"]["joins"] == 2
+    assert report["counters"]["messages_in"] == 2  # the two joins, each counted once
     assert report["counters"]["bytes_in"] > 0
     assert report["uptime"] > 0
     assert report["rss_bytes"] > 1_000_000
