@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from support.broker import BrokerProcess
 from support.node_client import NodeClient
@@ -320,3 +321,32 @@ def test_revoking_a_shared_secret_closes_every_user_it_admitted(
         assert client.expect({"type": "close"})["code"] == 1001
     assert frank.join("room:lobby")["status"] == "ok"
     assert frank.seen({"type": "close"}) == []
+
+
+# -- from nothing to a running daemon ------------------------------------------------------
+
+
+def test_a_daemon_started_from_init_accepts_the_secrets_it_printed(
+    broker_factory: BrokerFactory, node_client_factory: NodeFactory, tmp_path: Path
+) -> None:
+    target = tmp_path / "etc"
+    result = cli("init", target, "--user", "alice")
+    assert result.returncode == 0, result.stderr
+    secrets = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    config = (target / "phxbroker.toml").read_text()
+    # Run it where a test may: an ephemeral port, files by absolute path, a private socket.
+    config = config.replace('listen = "127.0.0.1:4000"', 'listen = "127.0.0.1:0"')
+    config = config.replace('tokens_file = "tokens.toml"', f'tokens_file = "{target}/tokens.toml"')
+    broker = broker_factory(config + '\n[admin]\nsocket = "admin.sock"\n')
+
+    alice = connect(node_client_factory, broker, {"token": secrets["token alice"]}, "alice")
+    assert alice.join("room:lobby")["status"] == "ok"
+    alice.on("room:lobby", "news")
+    response = httpx.post(
+        f"{broker.url}/api/broadcast",
+        json={"topic": "room:lobby", "event": "news", "payload": {"n": 1}},
+        headers={"authorization": f"Bearer {secrets['api key backend']}"},
+    )
+    assert response.json() == {"ok": True, "subscribers": 1}
+    assert alice.expect({"type": "channel_event", "event": "news"})["payload"] == {"n": 1}
+    assert cli("topics", "--config", broker.config_path).returncode == 0
