@@ -349,4 +349,16 @@ def test_a_daemon_started_from_init_accepts_the_secrets_it_printed(
     )
     assert response.json() == {"ok": True, "subscribers": 1}
     assert alice.expect({"type": "channel_event", "event": "news"})["payload"] == {"n": 1}
-    assert cli("topics", "--config", broker.config_path).returncode == 0
+
+    # Rotate the API key without a restart: the new one works and the old one is refused.
+    new_key = add(broker.config_path, "backend-2", "--api")
+    assert (
+        cli("token", "revoke", "backend", "--api", "--config", broker.config_path).returncode == 0
+    )
+    assert cli("reload", "--config", broker.config_path).returncode == 0
+    for key, status in ((new_key, 200), (secrets["api key backend"], 401)):
+        stats = httpx.get(f"{broker.url}/api/stats", headers={"authorization": f"Bearer {key}"})
+        assert stats.status_code == status, stats.text
+    assert stats.json()["error"] == "the API key is not recognised"
+    assert alice.command({"cmd": "state"})["connection"] == "open"
+    assert alice.seen({"type": "close"}) == []
