@@ -274,7 +274,8 @@ class LongPoll:
                 params, request.header("x-phoenix-authtoken") or None
             )
         except Refused as exc:
-            self.stats.auth_failures += 1
+            if exc.reason != "banned":
+                self.stats.auth_failures += 1
             await self._refuse(conn, request, exc.reason, str(exc))
             return
         session = self._open(request.remote, serializer, identity)

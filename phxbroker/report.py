@@ -51,7 +51,7 @@ async def build_report(server: Server) -> dict[str, Any]:
         "pid": os.getpid(),
         "uptime": uptime,
         "rss_bytes": rss_bytes(),
-        "connections": counters["connections_open"] + counters.get("longpoll_open", 0),
+        "connections": counters["connections_open"],  # every transport
         **view,
         "bans": {user: round(left, 1) for user, left in server.bans.active().items()},
         "counters": counters,

@@ -9,9 +9,11 @@ import socket
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from golden_replay import serve
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from phxbroker import admin
 from phxbroker.admin import AdminError, AdminProtocolError, LineBuffer
@@ -122,6 +124,26 @@ def test_a_banned_user_is_refused_whatever_the_token() -> None:
         authenticator.authenticate({"token": "t"})
     assert info.value.reason == "banned"
     assert "banned" in str(info.value)
+
+
+async def test_a_ban_refuses_websocket_and_long_poll_connects_alike(tmp_path: Path) -> None:
+    async with serve(config_with_socket(tmp_path / "admin.sock")) as (server, port):
+        server.bans.ban("alice", 60)
+        url = f"ws://127.0.0.1:{port}/socket/websocket?token=alice-token&vsn=2.0.0"
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(url):
+                pass
+        assert info.value.status_code == 403
+        async with httpx.AsyncClient() as client:
+            poll = await client.get(
+                f"http://127.0.0.1:{port}/socket/longpoll?token=alice-token&vsn=2.0.0"
+            )
+        assert poll.json() == {"status": 403}
+        assert server.stats.refusals["banned"] == 2
+        assert server.stats.auth_failures == 0
+        server.bans.lift("alice")
+        async with open_websocket_url(url):
+            pass
 
 
 # -- the control socket --------------------------------------------------------------------
