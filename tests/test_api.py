@@ -313,6 +313,7 @@ async def test_a_client_expecting_100_continue_gets_it() -> None:
         async with stream:
             await stream.send_all(
                 b"POST /api/broadcast HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                b"connection: close\r\n"
                 b"authorization: Bearer " + KEY.encode() + b"\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
             )
