@@ -191,15 +191,7 @@ class Broker:
             if found is None or found[0].presence != topic.rule.presence:
                 event = protocol.CLOSE if found is None else protocol.ERROR
                 for peer, channel in list(topic.subscribers.items()):
-                    self._unsubscribe(peer, channel)
-                    self._send(
-                        peer,
-                        peer.serializer.encode_control,
-                        channel.join_ref,
-                        topic.name,
-                        event,
-                        {},
-                    )
+                    self._end_channel(peer, channel, event)
                 self.topics.pop(topic.name, None)
                 continue
             topic.rule, topic.captures = found
@@ -208,15 +200,7 @@ class Broker:
                 topic.history = deque(topic.history, maxlen=topic.rule.history or None)
             for peer, channel in list(topic.subscribers.items()):
                 if not topic.rule.join.allows(peer.user, topic.captures):
-                    self._unsubscribe(peer, channel)
-                    self._send(
-                        peer,
-                        peer.serializer.encode_control,
-                        channel.join_ref,
-                        topic.name,
-                        protocol.CLOSE,
-                        {},
-                    )
+                    self._end_channel(peer, channel, protocol.CLOSE)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -280,10 +264,7 @@ class Broker:
             return 0
         kicked = [(p, c) for p, c in t.subscribers.items() if p.user == user]
         for peer, channel in kicked:
-            self._unsubscribe(peer, channel)
-            self._send(
-                peer, peer.serializer.encode_control, channel.join_ref, topic, protocol.CLOSE, {}
-            )
+            self._end_channel(peer, channel, protocol.CLOSE)
         return len(kicked)
 
     # -- time ----------------------------------------------------------------------------
@@ -342,7 +323,7 @@ class Broker:
         response = render_template(rule.join_reply, variables) if rule.join_reply else {}
         self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "ok", response)
         if old is not None:
-            self._send(peer, s.encode_control, old.join_ref, name, protocol.CLOSE, {})
+            self._tell_ended(peer, old, protocol.CLOSE)
 
         if peer.user is not None and rule.tracks_users:
             first = peer.user not in topic.user_sockets
@@ -363,7 +344,7 @@ class Broker:
             return
         self._unsubscribe(peer, channel)
         self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
-        self._send(peer, s.encode_control, channel.join_ref, msg.topic, protocol.CLOSE, {})
+        self._tell_ended(peer, channel, protocol.CLOSE)
 
     def _push(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -407,8 +388,7 @@ class Broker:
             )
         elif rule.unhandled == "crash":
             # What a Phoenix channel does when handle_in has no clause for the message.
-            self._unsubscribe(peer, channel)
-            self._send(peer, s.encode_control, channel.join_ref, msg.topic, protocol.ERROR, {})
+            self._end_channel(peer, channel, protocol.ERROR)
 
     @staticmethod
     def _relayable(rule: TopicRule, payload: Any) -> bool:
@@ -440,6 +420,16 @@ class Broker:
                 del topic.user_sockets[user]
                 self._status_changed(topic, "users")
         self._forget_if_idle(topic)
+
+    def _end_channel(self, peer: Peer, channel: Channel, event: str) -> None:
+        """Remove a channel and tell its client: phx_close (final) or phx_error (rejoin)."""
+        self._unsubscribe(peer, channel)
+        self._tell_ended(peer, channel, event)
+
+    def _tell_ended(self, peer: Peer, channel: Channel, event: str) -> None:
+        self._send(
+            peer, peer.serializer.encode_control, channel.join_ref, channel.topic.name, event, {}
+        )
 
     def _forget_if_idle(self, topic: Topic) -> None:
         if topic.idle and self.topics.get(topic.name) is topic:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from phxbroker.phoenix_token import TokenError
+from phxbroker.phoenix_token import TokenError, three_part_token
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "HMAC_ALGORITHMS", "JwtVerifier", "TokenError"]
 
@@ -92,7 +92,7 @@ class JwtVerifier:
 
         Raises `TokenError` (reason "missing", "expired" or "invalid") with one sentence.
         """
-        token = _token_text(token)
+        token = three_part_token(token)
         try:
             return jwt.decode(
                 token,
@@ -234,22 +234,6 @@ def _names(
     if not names and not allow_empty:
         raise ValueError(f"{what} must not be an empty list")
     return names
-
-
-def _token_text(token: str | bytes | None) -> str:
-    if token is None or token in ("", b""):
-        raise TokenError("token is missing", reason="missing")
-    if isinstance(token, bytes | bytearray):
-        try:
-            token = bytes(token).decode("ascii")
-        except UnicodeDecodeError:
-            raise TokenError("token is not ASCII text") from None
-    if not isinstance(token, str):
-        raise TokenError("token is not a string")
-    parts = token.count(".") + 1
-    if parts != 3:
-        raise TokenError(f"token has {parts} dot-separated parts, not 3")
-    return token
 
 
 def _algorithm_refusal(token: str, allowed: str) -> TokenError:

@@ -142,8 +142,9 @@ def _verify_with_key(
     return data
 
 
-def _check_signature(token: str | bytes | None, key: bytes) -> bytes:
-    """Return the signed message bytes once the token's MAC is proven to match."""
+def three_part_token(token: str | bytes | None) -> str:
+    """The token as text with three dot-separated parts (Phoenix.Token and JWT alike);
+    TokenError otherwise, never quoting the token."""
     if token is None or token in ("", b""):
         raise TokenError("token is missing", reason="missing")
     if isinstance(token, bytes | bytearray):
@@ -153,10 +154,15 @@ def _check_signature(token: str | bytes | None, key: bytes) -> bytes:
             raise TokenError("token is not ASCII text") from None
     if not isinstance(token, str):
         raise TokenError("token is not a string")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise TokenError(f"token has {len(parts)} dot-separated parts, not 3")
-    prefix, payload_text, signature_text = parts
+    parts = token.count(".") + 1
+    if parts != 3:
+        raise TokenError(f"token has {parts} dot-separated parts, not 3")
+    return token
+
+
+def _check_signature(token: str | bytes | None, key: bytes) -> bytes:
+    """Return the signed message bytes once the token's MAC is proven to match."""
+    prefix, payload_text, signature_text = three_part_token(token).split(".")
     mac_digest = _MAC_DIGEST_BY_PREFIX.get(prefix)
     if mac_digest is None:
         raise TokenError("token does not start with a Phoenix.Token signature prefix")
