@@ -1,8 +1,18 @@
 """Connect authentication: who is this socket, or why is it refused.
 
-Static tokens are compared by their SHA-256 digest: the table holds only digests, and the
-lookup is a hash-table probe on the digest of what the client sent, so neither the
-stored secret nor its prefix can be learned from response timing.
+A token comes from the connect param `token_param`, or from phoenix.js 1.8's `authToken`
+(a websocket subprotocol, or LongPoll's X-Phoenix-AuthToken header), which wins. Several
+kinds may be configured at once; each token is checked by exactly one of them:
+
+1. a static token: its SHA-256 digest is looked up in `[[auth.tokens]]` (the table holds
+   only digests and the probe is on the digest of what the client sent, so neither a
+   stored secret nor its prefix can be learned from response timing);
+2. otherwise a token starting with a Phoenix.Token prefix (`SFMyNTY.`, `SFMzODQ.`,
+   `SFM1MTI.`) goes to `[auth.phoenix_token]`;
+3. otherwise a token of three dot-separated parts goes to `[auth.jwt]`;
+4. anything else is refused as not recognised.
+
+Refusal sentences name the kind of token and why it failed, never the token itself.
 """
 
 from __future__ import annotations
@@ -11,9 +21,11 @@ import hashlib
 from dataclasses import dataclass
 
 from phxbroker.bans import Bans
-from phxbroker.config import AuthConfig
+from phxbroker.config import AuthConfig, SignedTokenConfig
+from phxbroker.phoenix_token import TokenError
 
 MAX_USER_LENGTH = 200
+PHOENIX_TOKEN_PREFIXES = ("SFMyNTY.", "SFMzODQ.", "SFM1MTI.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +53,9 @@ class Authenticator:
         self._by_digest: dict[bytes, str] = {}
         for entry in config.tokens:
             self._by_digest[entry.sha256] = entry.user
+        self._signed_keys = {
+            signed.fingerprint for signed in (config.jwt, config.phoenix_token) if signed
+        }
 
     def authenticate(self, params: dict[str, str], header_token: str | None = None) -> Identity:
         """Identify a connecting client or raise Refused (also for a banned user). Never
@@ -62,7 +77,7 @@ class Authenticator:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         user = self._by_digest.get(digest)
         if user is None:
-            raise Refused("bad_token", "token not recognised")
+            return self._signed(token, params)
         named = params.get(cfg.user_param) if cfg.user_param else None
         if user == "*":
             if not named:
@@ -76,9 +91,40 @@ class Authenticator:
             )
         return Identity(user=user, credential=digest)
 
+    def _signed(self, token: str, params: dict[str, str]) -> Identity:
+        """Verify a Phoenix.Token or a JWT, whichever the token's shape says it is."""
+        cfg = self.config
+        if token.startswith(PHOENIX_TOKEN_PREFIXES):
+            kind, label, signed = "phoenix_token", "Phoenix.Token", cfg.phoenix_token
+        elif token.count(".") == 2:
+            kind, label, signed = "jwt", "JWT", cfg.jwt
+        else:
+            raise Refused("bad_token", "token not recognised")
+        if signed is None:
+            raise Refused("bad_token", f"token looks like a {label}, but [auth.{kind}] is not set")
+        user = _verify(signed, token, kind, label)
+        _check_user_name(user)
+        named = params.get(cfg.user_param) if cfg.user_param else None
+        if named and named != user:
+            raise Refused(
+                "user_mismatch",
+                f"connect param {cfg.user_param!r} names a different user than the {label}",
+            )
+        return Identity(user=user, credential=signed.fingerprint)
+
     def credential_valid(self, credential: object) -> bool:
-        """Whether a credential that admitted a connection is still accepted (for reload)."""
-        return (credential is None and self.config.allow_anonymous) or credential in self._by_digest
+        """Whether a credential that admitted a connection is still accepted (for reload):
+        the same static token, or a token signed with a key still configured."""
+        if credential is None:
+            return self.config.allow_anonymous
+        return credential in self._by_digest or credential in self._signed_keys
+
+
+def _verify(signed: SignedTokenConfig, token: str, kind: str, label: str) -> str:
+    try:
+        return signed.verifier.verify(token)
+    except TokenError as exc:
+        raise Refused(f"{kind}_{exc.reason}", f"{label} refused: {exc}") from None
 
 
 def _check_user_name(name: str) -> None:

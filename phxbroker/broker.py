@@ -295,6 +295,13 @@ class Broker:
         old = peer.channels.get(name)
         if old is None and len(peer.channels) >= self.max_channels:
             self.stats.join_errors += 1
+            self.stats.count_refusal("too_many_channels")
+            log.info(
+                "refused join of %r by %s: %d channels joined already",
+                name,
+                peer,
+                len(peer.channels),
+            )
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", TOO_MANY)
             return
         if not rule.join.allows(peer.user, captures):

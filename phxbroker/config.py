@@ -8,12 +8,20 @@ silently falls back to a default.
 from __future__ import annotations
 
 import hashlib
+import ssl
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from phxbroker import origin, tls
+from phxbroker.signed_tokens import (
+    SignedTokenConfig,
+    config_relative,
+    parse_jwt,
+    parse_phoenix_token,
+)
 from phxbroker.topics import JoinPolicy, TopicRule, parse_pattern
 
 DEFAULT_LISTEN = "127.0.0.1:4000"
@@ -44,6 +52,12 @@ class ServerConfig:
     max_channels: int = 100
     handshake_timeout: float = 10.0
     max_header_size: int = 16_384
+    host: str = "localhost"
+    check_origin: origin.OriginPolicy = origin.CHECK_HOST
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Loaded from tls_cert/tls_key when the config is read, so a reload re-reads them.
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     @property
     def listen(self) -> str:
@@ -66,6 +80,19 @@ class AuthConfig:
     allow_anonymous: bool = False
     tokens: tuple[TokenEntry, ...] = ()  # the main config's and the tokens file's
     tokens_file: Path | None = None  # managed by `phxbroker token`; resolved absolute
+    jwt: SignedTokenConfig | None = None
+    phoenix_token: SignedTokenConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Per-client limits; 0 turns a limit off."""
+
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 100
+    message_rate: float = 100.0
+    message_burst: int = 200
+    rate_limit_close_after: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +148,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 class Table:
@@ -131,6 +159,10 @@ class Table:
         self._file = file
         self._prefix = prefix
         self._seen: set[str] = set()
+
+    @property
+    def file(self) -> str | Path:
+        return self._file
 
     def key(self, name: str) -> str:
         return f"{self._prefix}.{name}" if self._prefix else name
@@ -275,6 +307,7 @@ def parse_config(
     log = _parse_log(root.table("log"))
     longpoll = _parse_longpoll(root.table("longpoll"))
     metrics = _parse_metrics(root.table("metrics"))
+    limits = _parse_limits(root.table("limits"))
     root.done()
     if auth.tokens_file is not None:
         if tokens_document is None:
@@ -296,6 +329,7 @@ def parse_config(
         metrics=metrics,
         api=api,
         admin=admin,
+        limits=limits,
     )
 
 
@@ -349,9 +383,39 @@ def _parse_server(t: Table) -> ServerConfig:
         max_channels=t.int("max_channels", d.max_channels, minimum=1),
         handshake_timeout=t.number("handshake_timeout", d.handshake_timeout, minimum=0.1),
         max_header_size=t.int("max_header_size", d.max_header_size, minimum=1024),
+        host=t.str("host", d.host).lower(),
+        check_origin=_check_origin(t),
+        **_tls(t),
     )
+    if not cfg.host:
+        raise t.error("host", "must not be empty")
     t.done()
     return cfg
+
+
+def _check_origin(t: Table) -> origin.OriginPolicy:
+    value = t.raw("check_origin")
+    if value is None:
+        return origin.CHECK_HOST
+    try:
+        return origin.parse_policy(value)
+    except ValueError as exc:
+        raise t.error("check_origin", str(exc)) from None
+
+
+def _tls(t: Table) -> dict[str, Any]:
+    cert = t.str("tls_cert", "")
+    key = t.str("tls_key", "")
+    if not cert and not key:
+        return {}
+    if not cert or not key:
+        missing = "tls_key" if cert else "tls_cert"
+        raise t.error(missing, "is required when the other of tls_cert and tls_key is given")
+    try:
+        context = tls.server_context(config_relative(t, cert), config_relative(t, key))
+    except tls.TlsConfigError as exc:
+        raise t.error(exc.key, str(exc)) from None
+    return {"tls_cert": cert, "tls_key": key, "tls_context": context}
 
 
 def _parse_auth(t: Table, base: Path) -> AuthConfig:
@@ -364,6 +428,10 @@ def _parse_auth(t: Table, base: Path) -> AuthConfig:
         tokens=_parse_tokens(t),
         tokens_file=(base / tokens_file).absolute() if tokens_file else None,
     )
+    if t.has("jwt"):
+        cfg = replace(cfg, jwt=parse_jwt(t.table("jwt")))
+    if t.has("phoenix_token"):
+        cfg = replace(cfg, phoenix_token=parse_phoenix_token(t.table("phoenix_token")))
     t.done()
     return cfg
 
@@ -523,6 +591,19 @@ def _parse_longpoll(t: Table) -> LongPollConfig:
         enabled=t.bool("enabled", d.enabled),
         window_ms=t.int("window_ms", d.window_ms, minimum=10),
         max_post_size=t.int("max_post_size", d.max_post_size, minimum=1024),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_limits(t: Table) -> LimitsConfig:
+    d = LimitsConfig()
+    cfg = LimitsConfig(
+        max_connections=t.int("max_connections", d.max_connections, minimum=0),
+        max_connections_per_ip=t.int("max_connections_per_ip", d.max_connections_per_ip, minimum=0),
+        message_rate=t.number("message_rate", d.message_rate, minimum=0),
+        message_burst=t.int("message_burst", d.message_burst, minimum=1),
+        rate_limit_close_after=t.int("rate_limit_close_after", d.rate_limit_close_after, minimum=0),
     )
     t.done()
     return cfg

@@ -1,8 +1,10 @@
 """The listen port's front door: routes each HTTP request, performs websocket upgrades.
 
-Checks on `GET <socket_path>/websocket` follow Phoenix's order: query params, the auth
-token carried as a subprotocol, the serializer version, authentication, and only then
-the upgrade headers (so a bad token is 403 even without them, as in Phoenix).
+Every request under a socket path (any transport) is first checked against the
+connection limits (429 per client address, 503 in total). Checks on
+`GET <socket_path>/websocket` then follow Phoenix's order: the Origin, the auth token
+carried as a subprotocol, the serializer version, authentication, and only then the
+upgrade headers (so a bad token is 403 even without them, as in Phoenix).
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class FrontDoor:
     async def dispatch(self, conn: HttpConnection, request: Request) -> bool:
         """Handle one request; True when the connection was taken over (upgraded)."""
         for base in self.server.config.server.socket_paths:
+            if request.path.startswith(base + "/"):
+                over_limit = self.server.admission_problem(request)
+                if over_limit is not None:
+                    status, reason, detail = over_limit
+                    return await self._refuse(conn, request, reason, detail, status=status)
             if request.path == base + "/websocket":
                 return await self.websocket(conn, request)
             transport = self.transports.get(request.path.removeprefix(base))
@@ -162,11 +169,11 @@ class FrontDoor:
         return True
 
     async def _refuse(
-        self, conn: HttpConnection, request: Request, reason: str, detail: str
+        self, conn: HttpConnection, request: Request, reason: str, detail: str, status: int = 403
     ) -> bool:
         self.server.stats.count_refusal(reason)
         log.info("refused connect from %s on %s: %s", request.remote, request.path, detail)
-        await conn.respond(403, close=True)
+        await conn.respond(status, close=True)
         return False
 
 

@@ -25,10 +25,13 @@ from phxbroker.control import ControlSocket, ControlSocketError
 from phxbroker.frontdoor import FrontDoor
 from phxbroker.health import install_health
 from phxbroker.http import Request
+from phxbroker.limits import ConnectionCounter, client_address
 from phxbroker.longpoll import LongPoll
 from phxbroker.metrics import install_metrics
+from phxbroker.origin import origin_problem
 from phxbroker.sockets import SocketHub, close_socket
 from phxbroker.stats import Stats
+from phxbroker.tls import TlsHandshakeError, TlsSocket
 from phxbroker.websocket import CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSING, OPEN, WebSocketPeer
 
 log = logging.getLogger("phxbroker")
@@ -67,6 +70,7 @@ class Server:
         # True once shutdown began: readiness fails and new connections are refused.
         self.draining = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.open_connections = ConnectionCounter()  # TCP connections, per client address
         self._apply_limits(config)
         install_health(self)
         install_metrics(self)
@@ -76,6 +80,9 @@ class Server:
     def _apply_limits(self, config: Config) -> None:
         self.hub.outbox_limit = config.server.outbox_limit
         self.hub.max_frame_size = config.server.max_frame_size
+        self.hub.message_rate = config.limits.message_rate
+        self.hub.message_burst = config.limits.message_burst
+        self.hub.rate_limit_close_after = config.limits.rate_limit_close_after
 
     def next_peer_id(self) -> int:
         return next(self._peer_ids)
@@ -83,7 +90,19 @@ class Server:
     def check_origin(self, request: Request) -> str | None:
         """Why this request's Origin is not allowed, or None when it is (every transport's
         handshake asks before authenticating)."""
-        return None
+        cfg = self.config.server
+        return origin_problem(
+            request.headers.get("origin"),
+            cfg.check_origin,
+            host=cfg.host,
+            request_scheme="https" if cfg.tls_context is not None else "http",
+            request_host=request.header("host"),
+        )
+
+    def admission_problem(self, request: Request) -> tuple[int, str, str] | None:
+        """(HTTP status, refusal reason, sentence) when the connection carrying this
+        transport request is over a connection limit, or None."""
+        return self.open_connections.problem(client_address(request.remote), self.config.limits)
 
     def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run `hook` during shutdown, after websockets were told to close."""
@@ -135,7 +154,10 @@ class Server:
                 nursery.start_soon(self._accept, nursery)
                 host, port = self.listen_address
                 log.info(
-                    "listening on http://%s:%d", host if ":" not in host else f"[{host}]", port
+                    "listening on %s://%s:%d",
+                    "https" if self.config.server.tls_context is not None else "http",
+                    host if ":" not in host else f"[{host}]",
+                    port,
                 )
                 task_status.started(self.listen_address)
         finally:
@@ -187,14 +209,35 @@ class Server:
                 nursery.start_soon(self._serve_connection, sock, _format_addr(addr))
 
     async def _serve_connection(self, sock: socket.socket, remote: str) -> None:
+        address = client_address(remote)
+        self.open_connections.opened(address)
         try:
-            await self.frontdoor.serve(sock, remote)
+            context = self.config.server.tls_context
+            if context is None:
+                await self.frontdoor.serve(sock, remote)
+            else:
+                tls_sock = TlsSocket(sock, context)
+                if await self._tls_handshake(tls_sock, remote):
+                    await self.frontdoor.serve(tls_sock, remote)  # type: ignore[arg-type]
         except OSError:
             pass  # the client went away mid-request
         except Exception:
             log.exception("internal error while serving %s", remote)
         finally:
+            self.open_connections.closed(address)
             close_socket(sock)
+
+    async def _tls_handshake(self, tls_sock: TlsSocket, remote: str) -> bool:
+        try:
+            await tls_sock.handshake(self.config.server.handshake_timeout)
+        except (EOFError, ConnectionError):
+            log.debug("%s closed the connection before a TLS handshake", remote)
+            return False
+        except TlsHandshakeError as exc:
+            self.stats.count_refusal("tls_handshake")
+            log.info("closing %s: %s", remote, exc)
+            return False
+        return True
 
     async def run_peer(self, peer: WebSocketPeer, trailing_data: bytes) -> None:
         """Run an upgraded websocket connection until it ends, registered with the broker."""
@@ -318,6 +361,9 @@ class Server:
             self.config.server.listen_port,
         ):
             log.warning("reload: a new listen address takes effect only after a restart")
+        if (new.server.tls_context is None) != (self.config.server.tls_context is None):
+            scheme = "https" if new.server.tls_context is not None else "http"
+            log.warning("reload: the listen port now speaks %s to new connections", scheme)
         self.config = new
         self.authenticator = Authenticator(new.auth, self.bans)
         self._apply_limits(new)

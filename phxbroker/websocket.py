@@ -17,6 +17,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from phxbroker import protocol
+from phxbroker.limits import TokenBucket
 from phxbroker.protocol import ProtocolError, Serializer
 from phxbroker.sockets import RECV_SIZE, SocketHub, close_socket, shutdown
 
@@ -30,10 +31,13 @@ TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_IDLE = 1002  # what Bandit sends on idle timeout; phoenix.js reconnects
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_ERROR = 1011
 
 OPEN, CLOSING, CLOSED = 0, 1, 2
+
+RATE_LIMITED = {"reason": "rate limited"}
 
 # Close codes a peer may put on the wire; others are answered with a plain 1000.
 _SENDABLE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
@@ -60,6 +64,7 @@ class WebSocketPeer:
 
     __slots__ = (
         "blocked",
+        "bucket",
         "channels",
         "closing_since",
         "credential",
@@ -102,6 +107,8 @@ class WebSocketPeer:
         self.state = OPEN
         self.last_rx = hub.now
         self.closing_since = 0.0
+        rate = hub.message_rate
+        self.bucket = TokenBucket(rate, hub.message_burst, hub.now) if rate else None
 
     def __repr__(self) -> str:
         return f"<websocket {self.id} {self.user or 'anonymous'}@{self.remote}>"
@@ -234,6 +241,7 @@ class WebSocketPeer:
                             continue
                         size += len(event.data)
                         if size > hub.max_frame_size:
+                            stats.count_refusal("message_too_big")
                             log.info(
                                 "closing %s: message larger than %d bytes", self, hub.max_frame_size
                             )
@@ -281,11 +289,38 @@ class WebSocketPeer:
             log.info("closing %s: %s", self, exc)
             self.close(CLOSE_ERROR)
             return
+        bucket = self.bucket
+        if bucket is not None and not bucket.take(self.hub.now):
+            stats.messages_in += 1  # it never reaches the broker
+            self._rate_limited(msg, bucket)
+            return
         if msg.event == protocol.HEARTBEAT and msg.topic == protocol.HEARTBEAT_TOPIC:
             stats.messages_in += 1  # the broker counts the messages it handles itself
             self.send(self.serializer.encode_reply(None, msg.ref, msg.topic, "ok", {}))
             return
         await commands.send((handle, (self, msg)))
+
+    def _rate_limited(self, msg: protocol.Message, bucket: TokenBucket) -> None:
+        """Answer a message over the rate limit with an error reply; close the connection
+        once too many in a row were refused. Logs the start and the end of an episode."""
+        hub = self.hub
+        hub.stats.count_refusal("rate_limited")
+        close_after = hub.rate_limit_close_after
+        if close_after and bucket.refused > close_after:
+            hub.stats.count_refusal("rate_limit_close")
+            log.info("closing %s: %d messages in a row over the rate limit", self, bucket.refused)
+            self.close(CLOSE_POLICY, "rate limited")
+            return
+        if bucket.refused == 1:
+            log.info(
+                "rate limiting %s: over %g messages per second (burst %d)",
+                self,
+                bucket.rate,
+                bucket.burst,
+            )
+        self.send(
+            self.serializer.encode_reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
+        )
 
     def finish(self) -> None:
         """Release the socket once the read loop has ended."""

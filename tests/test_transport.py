@@ -42,6 +42,8 @@ token = "bob-token"
 pattern = "room:*"
 relay = ["new_msg"]
 echo = ["ping"]
+[limits]
+message_rate = 0  # some tests here flood on purpose
 """
 
 TIMEOUT = 5

@@ -1,0 +1,98 @@
+"""Per-client limits, sans-io: connections per address and in total, message rate.
+
+`ConnectionCounter` counts open TCP connections on the listen port, per client address
+and in total; the front door asks it before serving a transport request. `TokenBucket`
+meters one connection's messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from phxbroker.config import LimitsConfig
+
+
+def client_address(remote: str) -> str:
+    """The address a client is counted under, from "host:port" / "[v6]:port".
+
+    IPv6 clients are counted per /64, the block one subscriber usually holds, so a
+    client cannot escape its limit by hopping between its own addresses; IPv4-mapped
+    IPv6 addresses count as the IPv4 address they carry.
+    """
+    host = remote.rpartition(":")[0] or remote
+    if not host.startswith("["):
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host[1:-1].split("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+class ConnectionCounter:
+    """Open connections in total and per client address."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_address: dict[str, int] = {}
+
+    def opened(self, address: str) -> None:
+        self.total += 1
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+
+    def closed(self, address: str) -> None:
+        self.total -= 1
+        left = self.per_address.get(address, 0) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
+
+    def problem(self, address: str, limits: LimitsConfig) -> tuple[int, str, str] | None:
+        """(HTTP status, refusal reason, sentence) when a connection from `address`, itself
+        already counted, is one too many; None when it may be served."""
+        per_address = limits.max_connections_per_ip
+        count = self.per_address.get(address, 0)
+        if per_address and count > per_address:
+            return (
+                429,
+                "too_many_connections_per_ip",
+                f"{count} connections from {address} (limit {per_address})",
+            )
+        if limits.max_connections and self.total > limits.max_connections:
+            return (
+                503,
+                "too_many_connections",
+                f"{self.total} connections open (limit {limits.max_connections})",
+            )
+        return None
+
+
+class TokenBucket:
+    """A connection's message allowance: `burst` messages at once, refilled at `rate` per
+    second. `refused` counts messages refused since the last one accepted."""
+
+    __slots__ = ("burst", "rate", "refused", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+        self.refused = 0
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False (and `refused` grows) when none is left."""
+        tokens = self.tokens
+        if now != self.stamp:
+            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if tokens >= 1:
+            self.tokens = tokens - 1
+            self.refused = 0
+            return True
+        self.tokens = tokens
+        self.refused += 1
+        return False
