@@ -58,12 +58,16 @@ function backoff(list) {
   return (tries) => list[Math.min(tries, list.length) - 1];
 }
 
-function webSocketTransport(caFile) {
-  if (!caFile) return WebSocket;
-  const ca = readFileSync(caFile);
+// The `ws` WebSocket, trusting an extra CA (caFile) and sending an Origin header as a
+// browser page would (origin); plain `ws` sends no Origin.
+function webSocketTransport(caFile, origin) {
+  if (!caFile && !origin) return WebSocket;
+  const options = {};
+  if (caFile) options.ca = readFileSync(caFile);
+  if (origin) options.origin = origin;
   return class TrustingWebSocket extends WebSocket {
     constructor(url, protocols) {
-      super(url, protocols, { ca });
+      super(url, protocols, options);
     }
   };
 }
@@ -100,7 +104,7 @@ const commands = {
       throw new Error(`unsupported vsn ${JSON.stringify(cmd.vsn)}: use "2.0.0" or "1.0.0"`);
     }
     if (cmd.transport === "longpoll") opts.transport = LongPoll;
-    else if (!cmd.transport || cmd.transport === "websocket") opts.transport = webSocketTransport(cmd.caFile);
+    else if (!cmd.transport || cmd.transport === "websocket") opts.transport = webSocketTransport(cmd.caFile, cmd.origin);
     else throw new Error(`unknown transport ${JSON.stringify(cmd.transport)}`);
     for (const key of ["authToken", "longPollFallbackMs", "heartbeatIntervalMs", "timeout", "longpollerTimeout"]) {
       if (cmd[key] !== undefined) opts[key] = cmd[key];

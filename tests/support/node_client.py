@@ -154,8 +154,9 @@ class NodeClient:
         `opts` are the driver's connect options: vsn, authToken, transport
         ("websocket" | "longpoll"), longPollFallbackMs, heartbeatIntervalMs, timeout,
         reconnectAfterMs / rejoinAfterMs (lists of ms), caFile (a PEM CA the WebSocket
-        trusts for wss://). LongPoll goes through Node's fetch, which trusts a CA given as
-        env NODE_EXTRA_CA_CERTS when the client is started.
+        trusts for wss://), origin (an Origin header the WebSocket sends, as a browser
+        does). LongPoll goes through Node's fetch, which trusts a CA given as env
+        NODE_EXTRA_CA_CERTS when the client is started.
         """
         cmd = {"cmd": "connect", "endpoint": endpoint, "params": params or {}}
         return self.command({**cmd, **opts})
