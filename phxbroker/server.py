@@ -218,7 +218,7 @@ class Server:
             else:
                 tls_sock = TlsSocket(sock, context)
                 if await self._tls_handshake(tls_sock, remote):
-                    await self.frontdoor.serve(tls_sock, remote)  # type: ignore[arg-type]
+                    await self.frontdoor.serve(tls_sock, remote)
         except OSError:
             pass  # the client went away mid-request
         except Exception:

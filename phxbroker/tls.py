@@ -40,8 +40,8 @@ class TlsHandshakeError(Exception):
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """A server context (TLS 1.2+, the platform's default ciphers) for a PEM certificate
-    chain and its private key. Raises TlsConfigError with one sentence."""
+    """A server context (TLS 1.2+, the platform's default ciphers, no renegotiation) for a
+    PEM certificate chain and its private key. Raises TlsConfigError with one sentence."""
     for key, path in (("tls_cert", cert_file), ("tls_key", key_file)):
         try:
             path.read_bytes()
@@ -51,6 +51,8 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
             raise TlsConfigError(key, f"{str(path)!r} cannot be read ({exc.strerror})") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Client-initiated renegotiation only lets a client make us redo handshake work.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(["http/1.1"])
     try:
         context.load_cert_chain(cert_file, key_file, password=_no_password)
