@@ -57,7 +57,7 @@ def still_fine(*clients: NodeClient) -> None:
 def test_connections_per_address_over_the_limit_are_refused_with_429(
     broker_factory: Callable[..., BrokerProcess], node_client_factory: Callable[..., NodeClient]
 ) -> None:
-    broker = broker_factory(config(max_connections_per_ip=2))
+    broker = broker_factory({**config(max_connections_per_ip=2), "log": {"level": "debug"}})
     alice = open_client(broker, node_client_factory, "alice", "alice-token")
     bob = open_client(broker, node_client_factory, "bob", "bob-token")
 
@@ -70,7 +70,9 @@ def test_connections_per_address_over_the_limit_are_refused_with_429(
     assert http_status(broker, "/socket/websocket?token=bob-token&vsn=2.0.0") == 429
 
     still_fine(alice, bob)
+    mark = broker.mark()
     bob.disconnect()  # a freed slot is usable again
+    broker.wait_for_log(r"disconnected <websocket \d+ bob@", since=mark)
     again = open_client(broker, node_client_factory, "again", "bob-token")
     still_fine(alice, again)
 

@@ -83,6 +83,11 @@ def test_phoenix_js_and_https_share_the_tls_port(
     assert (status, serial) == (400, cert.serial)
     assert b"upgrade" in body
 
+    # Shutting down closes the TLS websocket cleanly too, with the code that sends
+    # phoenix.js elsewhere.
+    assert broker.stop() == 0
+    assert alice.expect({"type": "close"})["code"] == 1001
+
 
 def test_a_client_not_speaking_tls_is_closed_with_one_log_line(
     broker_factory: Callable[..., BrokerProcess],

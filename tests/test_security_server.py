@@ -71,6 +71,13 @@ async def rejected(port: int, token: str, **headers: str) -> int:
     return refused.value.status_code
 
 
+async def until_closed(server: Server) -> None:
+    """Wait until the server has seen every client connection close."""
+    with trio.fail_after(TIMEOUT):
+        while server.open_connections.total:
+            await trio.sleep(0.01)
+
+
 async def call(ws, ref: str, topic: str, event: str, payload: object) -> list:
     await ws.send_message(json.dumps(["1", ref, topic, event, payload]))
     with trio.fail_after(TIMEOUT):
@@ -102,6 +109,7 @@ async def test_refusals_are_counted_by_reason_and_stats_hold_no_secret() -> None
                 reply = await call(ws, f"p{n}", "room:a", "ping", {})
                 assert reply[4] == {"status": "error", "response": {"reason": "rate limited"}}
         # Three connections from one address are allowed; a fourth is not.
+        await until_closed(server)
         async with (
             open_websocket_url(url(port, "carol-static-token")),
             open_websocket_url(url(port, "carol-static-token")),
