@@ -150,7 +150,9 @@ class Server:
                 if control is not None:
                     nursery.start_soon(control.serve)
                 nursery.start_soon(self._sweep)
-                nursery.start_soon(self._handle_signals, nursery)
+                # Handlers are in place before "listening" is logged: a signal sent as
+                # soon as the daemon says it is up must not hit the default action.
+                await nursery.start(self._handle_signals, nursery)
                 nursery.start_soon(self._accept, nursery)
                 host, port = self.listen_address
                 log.info(
@@ -318,8 +320,14 @@ class Server:
                     peer.abort()
             hub.flush()
 
-    async def _handle_signals(self, nursery: trio.Nursery) -> None:
+    async def _handle_signals(
+        self,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
