@@ -2,14 +2,22 @@
 
 `ConnectionCounter` counts open TCP connections on the listen port, per client address
 and in total; the front door asks it before serving a transport request. `TokenBucket`
-meters one connection's messages.
+meters one connection's messages, and `over_rate` decides (and logs, and counts) what
+happens to a message it refused, the same way for every transport.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from phxbroker.config import LimitsConfig
+from phxbroker.stats import Stats
+
+log = logging.getLogger("phxbroker.limits")
+
+RATE_LIMITED = {"reason": "rate limited"}  # the error reply to a message over the rate
+CLOSE_POLICY = 1008  # the close code for a client that keeps going
 
 
 def client_address(remote: str) -> str:
@@ -96,3 +104,22 @@ class TokenBucket:
         self.tokens = tokens
         self.refused += 1
         return False
+
+
+def over_rate(peer: object, bucket: TokenBucket, stats: Stats, close_after: int) -> bool:
+    """Account for a message `bucket` refused: True when the connection must now be closed
+    (more than `close_after` refused in a row), else it gets an error reply RATE_LIMITED.
+    Logs the start of an episode and the close, once each; counts every refusal."""
+    stats.count_refusal("rate_limited")
+    if close_after and bucket.refused > close_after:
+        stats.count_refusal("rate_limit_close")
+        log.info("closing %s: %d messages in a row over the rate limit", peer, bucket.refused)
+        return True
+    if bucket.refused == 1:
+        log.info(
+            "rate limiting %s: over %g messages per second (burst %d)",
+            peer,
+            bucket.rate,
+            bucket.burst,
+        )
+    return False

@@ -38,6 +38,7 @@ import trio
 from phxbroker import protocol
 from phxbroker.auth import Identity, Refused
 from phxbroker.http import HttpConnection, Request
+from phxbroker.limits import CLOSE_POLICY, RATE_LIMITED, TokenBucket, over_rate
 from phxbroker.protocol import ProtocolError, Serializer, serializer_for
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class LongPollSession:
         "_frame_key",
         "_owner",
         "_wake",
+        "bucket",
         "channels",
         "closed",
         "credential",
@@ -114,6 +116,9 @@ class LongPollSession:
         self.poll_seq = 0  # a newer GET supersedes an older one still held
         self._wake: trio.Event | None = None
         self._frame_key = (SUBPATH, serializer)
+        hub = owner.server.hub
+        rate = hub.message_rate
+        self.bucket = TokenBucket(rate, hub.message_burst, hub.now) if rate else None
 
     def __repr__(self) -> str:
         return f"<longpoll {self.id} {self.user or 'anonymous'}@{self.remote}>"
@@ -353,7 +358,17 @@ class LongPoll:
                     session.close(CLOSE_GOING_AWAY, "protocol error")
                     await self._answer(conn, {"status": 400})
                     return
-                if msg.event == protocol.HEARTBEAT and msg.topic == protocol.HEARTBEAT_TOPIC:
+                bucket = session.bucket
+                if bucket is not None and not bucket.take(server.hub.now):
+                    self.stats.messages_in += 1
+                    if over_rate(session, bucket, self.stats, server.hub.rate_limit_close_after):
+                        session.close(CLOSE_POLICY, "rate limited")
+                        break  # the rest of the POST is dropped with the session
+                    reply = session.serializer.encode_reply(
+                        msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED
+                    )
+                    await server.commands.send((session.send, (reply,)))  # after earlier replies
+                elif msg.event == protocol.HEARTBEAT and msg.topic == protocol.HEARTBEAT_TOPIC:
                     await server.commands.send((session.answer_heartbeat, (msg.ref,)))
                 else:
                     await server.commands.send((handle, (session, msg)))

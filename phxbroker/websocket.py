@@ -17,7 +17,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from phxbroker import protocol
-from phxbroker.limits import TokenBucket
+from phxbroker.limits import CLOSE_POLICY, RATE_LIMITED, TokenBucket, over_rate
 from phxbroker.protocol import ProtocolError, Serializer
 from phxbroker.sockets import RECV_SIZE, SocketHub, close_socket, shutdown
 
@@ -31,13 +31,10 @@ TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_IDLE = 1002  # what Bandit sends on idle timeout; phoenix.js reconnects
-CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_ERROR = 1011
 
 OPEN, CLOSING, CLOSED = 0, 1, 2
-
-RATE_LIMITED = {"reason": "rate limited"}
 
 # Close codes a peer may put on the wire; others are answered with a plain 1000.
 _SENDABLE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
@@ -301,23 +298,12 @@ class WebSocketPeer:
         await commands.send((handle, (self, msg)))
 
     def _rate_limited(self, msg: protocol.Message, bucket: TokenBucket) -> None:
-        """Answer a message over the rate limit with an error reply; close the connection
-        once too many in a row were refused. Logs the start and the end of an episode."""
+        """Answer a message over the rate limit with an error reply, or close the
+        connection when too many in a row were refused."""
         hub = self.hub
-        hub.stats.count_refusal("rate_limited")
-        close_after = hub.rate_limit_close_after
-        if close_after and bucket.refused > close_after:
-            hub.stats.count_refusal("rate_limit_close")
-            log.info("closing %s: %d messages in a row over the rate limit", self, bucket.refused)
+        if over_rate(self, bucket, hub.stats, hub.rate_limit_close_after):
             self.close(CLOSE_POLICY, "rate limited")
             return
-        if bucket.refused == 1:
-            log.info(
-                "rate limiting %s: over %g messages per second (burst %d)",
-                self,
-                bucket.rate,
-                bucket.burst,
-            )
         self.send(
             self.serializer.encode_reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
         )

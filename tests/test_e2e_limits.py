@@ -119,3 +119,29 @@ def test_a_client_over_the_message_rate_gets_errors_then_is_closed_with_1008(
     assert sum("rate limiting" in line for line in broker.lines[mark:]) == 1
 
     still_fine(bob)
+
+
+def test_a_long_polling_client_over_the_message_rate_is_limited_the_same_way(
+    broker_factory: Callable[..., BrokerProcess], node_client_factory: Callable[..., NodeClient]
+) -> None:
+    broker = broker_factory(
+        {
+            **config(message_rate=0.001, message_burst=3, rate_limit_close_after=5),
+            "longpoll": {"window_ms": 500},
+        }
+    )
+    flooder = open_client(
+        broker, node_client_factory, "flooder", "alice-token", transport="longpoll", **NO_RETRY
+    )
+    bob = open_client(broker, node_client_factory, "bob", "bob-token")
+
+    mark = broker.mark()
+    pushes = [flooder.push("room:lobby", "ping", {"n": n}) for n in range(12)]
+
+    replies = [flooder.expect({"type": "reply", "id": push}) for push in pushes[:7]]
+    assert [r["status"] for r in replies] == ["ok"] * 2 + ["error"] * 5
+    assert replies[2]["response"] == {"reason": "rate limited"}
+    flooder.expect({"type": "close"})  # the session is gone: its next poll says so
+    broker.wait_for_log(r"closing <longpoll \d+ alice@.*: 6 messages in a row over the", mark)
+
+    still_fine(bob)
