@@ -362,7 +362,8 @@ class LongPoll:
                 if bucket is not None and not bucket.take(server.hub.now):
                     self.stats.messages_in += 1
                     if over_rate(session, bucket, self.stats, server.hub.rate_limit_close_after):
-                        session.close(CLOSE_POLICY, "rate limited")
+                        # In the broker task, after the replies queued before it.
+                        await server.commands.send((session.close, (CLOSE_POLICY, "rate limited")))
                         break  # the rest of the POST is dropped with the session
                     reply = session.serializer.encode_reply(
                         msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED
