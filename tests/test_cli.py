@@ -26,6 +26,8 @@ CONFIG = {
         ]
     },
     "topics": [{"pattern": "room:*", "relay": ["new_msg"], "echo": ["ping"], "presence": True}],
+    # The stats test keeps a client pinging as fast as it can: no message rate limit.
+    "limits": {"message_rate": 0},
 }
 
 ADMIN_COMMANDS = [
