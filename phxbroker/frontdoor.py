@@ -64,7 +64,7 @@ class FrontDoor:
                 request = await conn.read_request()
                 if request is None:
                     return
-                if await self.dispatch(conn, request) or not conn.keep_alive:
+                if await self.dispatch(conn, request) or not await conn.finish_request():
                     return
         except BadRequest as exc:
             self.server.stats.count_refusal("bad_http")

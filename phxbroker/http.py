@@ -7,6 +7,7 @@ status, such as 431 for oversized headers) and the connection is closed.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -58,6 +59,14 @@ class Request:
         return self.headers.get(name, default)
 
 
+def _without_quoted_bytes(error: Exception) -> str:
+    """h11's message minus any request bytes it quotes: those may carry a token."""
+    return _QUOTED_BYTES.sub("", str(error)) or "malformed request"
+
+
+_QUOTED_BYTES = re.compile(r":?\s*(bytearray\()?b['\"].*$", re.DOTALL)
+
+
 def parse_query(query: str) -> dict[str, str]:
     """Connect params as Plug reads them: a repeated key keeps its last value."""
     return dict(parse_qsl(query, keep_blank_values=True))
@@ -80,7 +89,7 @@ class HttpConnection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise BadRequest(exc.error_status_hint or 400, str(exc)) from None
+                raise BadRequest(exc.error_status_hint or 400, _without_quoted_bytes(exc)) from None
             if event is not h11.NEED_DATA:
                 return event
             try:
@@ -197,6 +206,24 @@ class HttpConnection:
     @property
     def keep_alive(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def finish_request(self, limit: int = 65536) -> bool:
+        """After a response, read what is left of the request (a body the handler did not
+        need) so the connection can carry the next one; False when it cannot."""
+        if self.h11.our_state is not h11.DONE:
+            return False
+        if self.h11.their_state is h11.SEND_BODY:
+            size = 0
+            with trio.move_on_after(self.timeout):
+                while self.h11.their_state is h11.SEND_BODY:
+                    event = await self._next_event()
+                    if isinstance(event, h11.Data):
+                        size += len(event.data)
+                        if size > limit:
+                            return False
+                    elif not isinstance(event, h11.EndOfMessage):
+                        return False
+        return self.keep_alive
 
     async def send_error(self, error: BadRequest) -> None:
         """Best-effort error response for a request h11 could not accept."""

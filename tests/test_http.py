@@ -7,6 +7,8 @@ disturbs anybody else: after each case a well-behaved request is still answered.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import socket
 
 import pytest
@@ -133,3 +135,43 @@ async def test_a_client_that_does_not_read_its_answer_is_dropped() -> None:
         finally:
             stubborn.close()
         await still_serving(port)
+
+
+async def test_one_connection_carries_several_requests() -> None:
+    """Keep-alive: requests (with and without a body the handler ignores) share a socket."""
+    async with serve(CONFIG) as (_server, port):
+        requests = (
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        received = await raw_exchange(port, requests)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+        assert statuses == [b"200", b"405", b"200"]
+
+
+async def test_long_polls_reuse_their_connection() -> None:
+    # HttpClient is a single connection: every request below travels on it.
+    async with serve(CONFIG) as (_server, port), await HttpClient.open(port) as client:
+        first = await client.request("GET", LP)
+        token = json.loads(first.body)["token"]
+        post = await client.request(
+            "POST", f"{LP}&token={token}", body=b'[null,"1","phoenix","heartbeat",{}]'
+        )
+        poll = await client.request("GET", f"{LP}&token={token}")
+        assert json.loads(post.body) == {"status": 200}
+        assert json.loads(poll.body)["status"] == 200
+
+
+async def test_a_malformed_request_is_logged_without_its_bytes(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="phxbroker")
+    async with serve(CONFIG) as (_server, port):
+        received = await raw_exchange(
+            port,
+            b"GET /socket/websocket?token=s3cret-token HTTP/1.1\r\nHost: a\r\n"
+            b"broken header s3cret-token\r\n\r\n",
+        )
+        assert received.startswith(b"HTTP/1.1 400")
+    logged = [r.getMessage() for r in caplog.records if "bad HTTP request" in r.getMessage()]
+    assert logged and all("s3cret" not in line for line in logged), logged
+    assert "illegal header line" in logged[0]
