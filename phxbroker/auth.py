@@ -112,12 +112,16 @@ class Authenticator:
             )
         return Identity(user=user, credential=signed.fingerprint)
 
-    def credential_valid(self, credential: object) -> bool:
-        """Whether a credential that admitted a connection is still accepted (for reload):
-        the same static token, or a token signed with a key still configured."""
+    def credential_valid(self, credential: object, user: str | None) -> bool:
+        """Whether a credential that admitted `user` is still accepted (for reload): the
+        same static token still given to that user (or still a shared secret), or a token
+        signed with a key still configured."""
         if credential is None:
             return self.config.allow_anonymous
-        return credential in self._by_digest or credential in self._signed_keys
+        owner = self._by_digest.get(credential)  # type: ignore[call-overload]
+        if owner is not None:
+            return owner in ("*", user)
+        return credential in self._signed_keys
 
 
 def _verify(signed: SignedTokenConfig, token: str, kind: str, label: str) -> str:

@@ -382,7 +382,9 @@ class Server:
     def _apply_in_broker(self, config: Config) -> None:
         self.broker.configure(config)
         for peer in list(self.broker.peers):
-            if not self.authenticator.credential_valid(getattr(peer, "credential", None)):
+            if not self.authenticator.credential_valid(
+                getattr(peer, "credential", None), peer.user
+            ):
                 log.info("closing %s: its credential is no longer accepted", peer)
                 self.broker.disconnect(peer)
                 peer.close(CLOSE_GOING_AWAY, "credential revoked")

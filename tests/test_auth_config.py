@@ -291,12 +291,22 @@ def test_a_changed_key_invalidates_connections_it_admitted(
     by_phoenix = before.authenticate({"token": good_phoenix_token()}).credential
     by_static = before.authenticate({"token": "carol-static-token"}).credential
 
-    assert authenticator(**ALL_KINDS).credential_valid(by_jwt)  # same keys: still fine
+    assert authenticator(**ALL_KINDS).credential_valid(by_jwt, "42")  # same keys: still fine
     monkeypatch.setenv("PHX_JWT_SECRET", "k" * 32)
     after = authenticator(**ALL_KINDS)
-    assert not after.credential_valid(by_jwt)
-    assert after.credential_valid(by_phoenix) and after.credential_valid(by_static)
-    assert not authenticator(tokens=ALL_KINDS["tokens"]).credential_valid(by_phoenix)
+    assert not after.credential_valid(by_jwt, "42")
+    assert after.credential_valid(by_phoenix, "42") and after.credential_valid(by_static, "carol")
+    assert not authenticator(tokens=ALL_KINDS["tokens"]).credential_valid(by_phoenix, "42")
+
+
+def test_a_static_token_given_to_another_user_no_longer_admits_the_first() -> None:
+    before = authenticator(tokens=[{"user": "carol", "token": "shared-once"}])
+    credential = before.authenticate({"token": "shared-once"}).credential
+    moved = authenticator(tokens=[{"user": "dave", "token": "shared-once"}])
+    assert not moved.credential_valid(credential, "carol")
+    assert moved.credential_valid(credential, "dave")
+    shared = authenticator(user_param="user", tokens=[{"user": "*", "token": "shared-once"}])
+    assert shared.credential_valid(credential, "carol")
 
 
 def test_the_commented_sections_of_the_example_config_work(monkeypatch: pytest.MonkeyPatch) -> None:
