@@ -52,6 +52,7 @@ class ServerConfig:
     max_channels: int = 100
     handshake_timeout: float = 10.0
     max_header_size: int = 16_384
+    drain_timeout: float = 10.0
     host: str = "localhost"
     check_origin: origin.OriginPolicy = origin.CHECK_HOST
     tls_cert: str = ""
@@ -135,6 +136,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
+    format: str = "text"  # "text" or "json" (one JSON object per line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +387,7 @@ def _parse_server(t: Table) -> ServerConfig:
         max_header_size=t.int("max_header_size", d.max_header_size, minimum=1024),
         host=t.str("host", d.host).lower(),
         check_origin=_check_origin(t),
+        drain_timeout=t.number("drain_timeout", d.drain_timeout, minimum=0),
         **_tls(t),
     )
     if not cfg.host:
@@ -581,8 +584,11 @@ def _parse_log(t: Table) -> LogConfig:
     level = t.str("level", "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise t.error("level", 'expected "debug", "info", "warning" or "error"')
+    log_format = t.str("format", "text").lower()
+    if log_format not in {"text", "json"}:
+        raise t.error("format", 'expected "text" or "json"')
     t.done()
-    return LogConfig(level=level)
+    return LogConfig(level=level, format=log_format)
 
 
 def _parse_longpoll(t: Table) -> LongPollConfig:

@@ -32,6 +32,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.server.listen_host, config.server.listen_port) == ("127.0.0.1", 4000)
     assert config.auth.token_param == "token"
     assert config.topics == ()
+    assert config.server.drain_timeout == 10
+    assert (config.log.level, config.log.format) == ("info", "text")
 
 
 def test_tokens_are_kept_only_as_digests(tmp_path: Path) -> None:
@@ -101,6 +103,8 @@ token_sha256 = "{digest}"
         ("[admin]\nsocket = 1", "admin.socket", "expected a string"),
         ("[auth]\ntokens_file = 1", "auth.tokens_file", "expected a string"),
         ("[log]\nlevel = 'loud'", "log.level", "expected"),
+        ("[log]\nformat = 'xml'", "log.format", 'expected "text" or "json"'),
+        ("[server]\ndrain_timeout = -1", "server.drain_timeout", "at least 0"),
         ("[surver]\nlisten = 'a:1'", "surver", "unknown key"),
         ("topics = 3", "topics", "array of tables"),
     ],
