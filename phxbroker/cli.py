@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 import trio
 
-from phxbroker import __version__, cli_admin, cli_tokens
+from phxbroker import __version__, cli_admin, cli_tokens, logs
 from phxbroker.cli_common import DEFAULT_CONFIG, OneSentenceGroup, fail
 from phxbroker.config import ConfigError, load_config, parse_listen
 from phxbroker.server import Server, StartupError
 
+EXIT_BAD_CONFIG = 2  # also what click uses for bad usage; systemd shows it as INVALIDARGUMENT
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+log = logging.getLogger("phxbroker")
 
 
 @click.group(cls=OneSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +30,7 @@ def main() -> None:
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=DEFAULT_CONFIG,
     show_default=True,
     help="The TOML config file.",
@@ -44,32 +41,45 @@ def serve(config_path: Path, listen: str | None) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_BAD_CONFIG)
+    listen_override = None
     if listen is not None:
         try:
-            host, port = parse_listen(listen)
+            listen_override = parse_listen(listen)
         except ValueError as exc:
-            fail(f"--listen: {exc}", 2)
-        from dataclasses import replace
-
-        config = replace(config, server=replace(config.server, listen_host=host, listen_port=port))
-    setup_logging(config.log.level)
+            fail(f"--listen: {exc}", EXIT_BAD_CONFIG)
+    logs.setup(config.log, secret_params=[config.auth.token_param])
+    log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
+    server = Server(config, listen_override=listen_override)
     try:
-        trio.run(Server(config).serve)
+        trio.run(server.serve)
     except StartupError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        pass
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the last line of defence: say why, exit 1
+        if not _only_interrupts(exc):
+            log.critical("stopped by an internal error", exc_info=exc)
+            sys.exit(1)
+    log.info("stopped")
+
+
+def _only_interrupts(exc: BaseException) -> bool:
+    """Ctrl-C before the signal handler was listening (possibly wrapped by a nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_interrupts(e) for e in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 @main.command("check-config")
-@click.argument("config_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config_path", metavar="FILE", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
-    """Validate a config file without starting (exit 0 if it is good)."""
+    """Validate a config file without starting: exit 0 if it is good, else 2 with one
+    sentence on stderr (fit for systemd's ExecStartPre= and ExecReload=)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), EXIT_BAD_CONFIG)
     click.echo(
         f"{config_path}: ok ({len(config.topics)} topic patterns, "
         f"{len(config.auth.tokens)} static tokens)"

@@ -9,6 +9,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from phxbroker import logs
 from phxbroker.config import DEFAULT_ADMIN_SOCKET, ConfigError, read_admin_config
 
 DEFAULT_CONFIG = "/etc/phxbroker/phxbroker.toml"
@@ -17,8 +18,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one sentence to stderr and exit non-zero."""
-    click.echo(f"phxbroker: {message}", err=True)
+    """Print one sentence to stderr and exit non-zero (filed as an error when stderr is the
+    journal, e.g. under ExecStartPre=)."""
+    click.echo(logs.stderr_line(f"phxbroker: {message}"), err=True)
     sys.exit(code)
 
 

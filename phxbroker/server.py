@@ -12,11 +12,12 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import trio
 
-from phxbroker import api
+from phxbroker import api, logs, notify
 from phxbroker.auth import Authenticator
 from phxbroker.bans import Bans
 from phxbroker.broker import Broker
@@ -28,6 +29,7 @@ from phxbroker.http import Request
 from phxbroker.limits import ConnectionCounter, client_address
 from phxbroker.longpoll import LongPoll
 from phxbroker.metrics import install_metrics
+from phxbroker.notify import Notifier
 from phxbroker.origin import origin_problem
 from phxbroker.sockets import SocketHub, close_socket
 from phxbroker.stats import Stats
@@ -42,6 +44,7 @@ ACCEPT_BATCH = 64
 SWEEP_INTERVAL = 1.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
+ACCEPT_ERROR_LOG_INTERVAL = 10.0  # descriptor exhaustion is logged at most this often
 
 T = TypeVar("T")
 
@@ -53,7 +56,16 @@ class StartupError(Exception):
 class Server:
     """The running daemon's shared parts; `serve()` runs it until cancelled or signalled."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        listen_override: tuple[str, int] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        # A listen address given on the command line outlives config reloads.
+        self._listen_override = listen_override
+        config = self._with_overrides(config)
         self.config = config
         self.stats = Stats()
         self.hub = SocketHub(self.stats)
@@ -71,11 +83,25 @@ class Server:
         self.draining = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.open_connections = ConnectionCounter()  # TCP connections, per client address
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
+        self._reload_lock = trio.Lock()
+        self._status_note = ""
+        self._stop_requested = False
+        self._stopping = False  # the nursery is being cancelled: the broker is going away
+        self._drain_scope: trio.CancelScope | None = None
+        self._hurried = False
+        self._accept_error_logged_at = -math.inf
         self._apply_limits(config)
         install_health(self)
         install_metrics(self)
         self.longpoll = LongPoll(self)
         api.install(self)
+
+    def _with_overrides(self, config: Config) -> Config:
+        if self._listen_override is None:
+            return config
+        host, port = self._listen_override
+        return replace(config, server=replace(config.server, listen_host=host, listen_port=port))
 
     def _apply_limits(self, config: Config) -> None:
         self.hub.outbox_limit = config.server.outbox_limit
@@ -154,6 +180,11 @@ class Server:
                 # soon as the daemon says it is up must not hit the default action.
                 await nursery.start(self._handle_signals, nursery)
                 nursery.start_soon(self._accept, nursery)
+                nursery.start_soon(
+                    lambda: notify.keep_informed(
+                        self.notifier, self.status_text, watchdog=notify.watchdog_interval()
+                    )
+                )
                 host, port = self.listen_address
                 log.info(
                     "listening on %s://%s:%d",
@@ -161,6 +192,7 @@ class Server:
                     host if ":" not in host else f"[{host}]",
                     port,
                 )
+                self.notifier.ready(self.status_text())
                 task_status.started(self.listen_address)
         finally:
             if self._listener is not None:
@@ -203,7 +235,14 @@ class Server:
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         self.stats.count_refusal("out_of_file_descriptors")
-                        log.error("cannot accept connections: %s", exc.strerror)
+                        now = trio.current_time()
+                        if now - self._accept_error_logged_at >= ACCEPT_ERROR_LOG_INTERVAL:
+                            self._accept_error_logged_at = now
+                            log.error(
+                                "cannot accept connections: %s (%d open; raise LimitNOFILE)",
+                                exc.strerror,
+                                len(self.connections),
+                            )
                         await trio.sleep(0.1)  # back off until descriptors free up
                     break
                 sock.setblocking(False)
@@ -247,6 +286,8 @@ class Server:
         self.stats.connections_open += 1
         self.connections.add(peer)
         log.debug("connected %s", peer)
+        if self.draining:  # upgraded after the drain began: send it elsewhere at once
+            peer.close(CLOSE_GOING_AWAY, "server shutting down")
         try:
             await self.commands.send((self.broker.connect, (peer,)))
             await peer.run(self.commands, self.broker.handle, trailing_data)
@@ -267,6 +308,8 @@ class Server:
         except trio.WouldBlock:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if self._stopping:
             return
         with (
             trio.CancelScope(shield=True),
@@ -329,58 +372,170 @@ class Server:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    if self._stop_requested:
+                        log.info("ignoring SIGHUP: shutting down")
+                    else:
+                        await self.reload()
+                elif not self._stop_requested:
+                    self._stop_requested = True
+                    log.info("received %s: shutting down (send it again to stop at once)", name)
+                    nursery.start_soon(self._drain_and_stop, nursery)
                 else:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    await self.shutdown()
-                    nursery.cancel_scope.cancel()
-                    return
+                    log.warning("received %s again: stopping without waiting", name)
+                    self.hurry()
+
+    async def _drain_and_stop(self, nursery: trio.Nursery) -> None:
+        try:
+            await self.shutdown()
+        finally:
+            self._stopping = True
+            nursery.cancel_scope.cancel()
+
+    def status_text(self) -> str:
+        """What systemd shows as the service's Status: one short line."""
+        count = len(self.connections) + self.stats.longpoll_open
+        plural = "" if count == 1 else "s"
+        if self.draining:
+            return f"draining: {count} connection{plural} left"
+        text = f"serving {count} connection{plural}"
+        return f"{text}; {self._status_note}" if self._status_note else text
+
+    # -- stopping ------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Stop accepting, close every websocket with 1001 so clients reconnect elsewhere,
-        and give them a moment to answer."""
+        """Drain: stop accepting, fail readiness, close every websocket with 1001 so that
+        phoenix.js reconnects (to another node behind a load balancer), end long-poll
+        sessions through the shutdown hooks, and wait for clients to go, at most
+        `[server] drain_timeout` seconds; whoever is still connected then is cut."""
+        if self.draining:
+            return
         self.draining = True
+        started = trio.current_time()
+        timeout = self.config.server.drain_timeout
         if self._listener is not None:
             close_socket(self._listener)
             self._listener = None
+        self.notifier.stopping(self.status_text())
+        log.info(
+            "draining: stopped accepting; closing %d websockets with 1001; waiting up to %g s",
+            len(self.connections),
+            timeout,
+        )
         for peer in list(self.connections):
             peer.close(CLOSE_GOING_AWAY, "server shutting down")
         self.hub.flush()
-        for hook in self._shutdown_hooks:
-            await hook()
-        if self.connections:
-            self._all_closed = trio.Event()
-            with trio.move_on_after(SHUTDOWN_GRACE):
+        with trio.move_on_at(started + timeout) as self._drain_scope:
+            if self._hurried:
+                self._drain_scope.cancel()
+            for hook in self._shutdown_hooks:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("internal error in a shutdown hook")
+            while self.connections:
+                self._all_closed = trio.Event()
                 await self._all_closed.wait()
+        left = list(self.connections)
+        elapsed = trio.current_time() - started
+        if not left:
+            log.info("drained in %.1f s: every connection closed", elapsed)
+        elif self._hurried:
+            log.warning("stopping now: cutting %d connections", len(left))
+        else:
+            log.warning(
+                "drain timeout after %g s: cutting %d connections that did not close",
+                timeout,
+                len(left),
+            )
+        for peer in left:
+            peer.abort()
+
+    def hurry(self) -> None:
+        """End a drain now: connections still open are cut."""
+        self._hurried = True
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
+
+    # -- reloading -----------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config file; a broken one is refused and the old one stays."""
+        """Re-read the config file and apply it without dropping connections: topic rules,
+        auth and limits change in place. A config that cannot be loaded is refused with one
+        log line and the running one stays in force. True when the new config is in force.
+        """
+        async with self._reload_lock:
+            if self.draining:
+                log.info("reload ignored: shutting down")
+                return False
+            self.notifier.reloading()
+            try:
+                return await self._reload()
+            finally:
+                self.notifier.ready(self.status_text())
+
+    async def _reload(self) -> bool:
         path = self.config.path
         if path is None:
+            log.error("reload refused: the running config was not read from a file")
             return False
         try:
-            new = load_config(path)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
-            return False
-        if (new.server.listen_host, new.server.listen_port) != (
-            self.config.server.listen_host,
-            self.config.server.listen_port,
-        ):
-            log.warning("reload: a new listen address takes effect only after a restart")
+            new = self._with_overrides(load_config(path))
+            authenticator = Authenticator(new.auth, self.bans)
+        except (ConfigError, OSError, ValueError) as exc:
+            return self._refuse_reload(str(exc))
+        except Exception as exc:
+            log.exception("internal error while reloading %s", path)
+            return self._refuse_reload(f"internal error ({type(exc).__name__})")
+        if new.server.listen != self.config.server.listen:
+            log.warning(
+                "reload: the listen address (%s) changes only on restart; still on %s",
+                new.server.listen,
+                self.config.server.listen,
+            )
+            server = replace(
+                new.server,
+                listen_host=self.config.server.listen_host,
+                listen_port=self.config.server.listen_port,
+            )
+            new = replace(new, server=server)
         if (new.server.tls_context is None) != (self.config.server.tls_context is None):
             scheme = "https" if new.server.tls_context is not None else "http"
             log.warning("reload: the listen port now speaks %s to new connections", scheme)
         self.config = new
-        self.authenticator = Authenticator(new.auth, self.bans)
+        self.authenticator = authenticator
         self._apply_limits(new)
-        await self.commands.send((self._apply_in_broker, (new,)))
-        log.info("reloaded config from %s", path)
+        logs.reconfigure(new.log, secret_params=[new.auth.token_param])
+        try:
+            closed = await self.ask(self._apply_in_broker, new)
+        except Exception:
+            log.exception("internal error while applying the config from %s", path)
+            return False
+        self._status_note = f"config reloaded at {time.strftime('%H:%M:%S')}"
+        log.info(
+            "reloaded config from %s: %d topic patterns, %d static tokens%s",
+            path,
+            len(new.topics),
+            len(new.auth.tokens),
+            f"; closed {closed} connections whose credential is no longer accepted"
+            if closed
+            else "",
+        )
         return True
 
-    def _apply_in_broker(self, config: Config) -> None:
+    def _refuse_reload(self, reason: str) -> bool:
+        self._status_note = (
+            f"reload refused at {time.strftime('%H:%M:%S')}, running the previous config"
+        )
+        log.error("reload refused, keeping the running config: %s", reason)
+        return False
+
+    def _apply_in_broker(self, config: Config) -> int:
+        """Runs in the broker task: the new rules, and sockets whose credential is no longer
+        accepted closed. Returns how many were closed."""
         self.broker.configure(config)
+        closed = 0
         for peer in list(self.broker.peers):
             if not self.authenticator.credential_valid(
                 getattr(peer, "credential", None), peer.user
@@ -388,6 +543,8 @@ class Server:
                 log.info("closing %s: its credential is no longer accepted", peer)
                 self.broker.disconnect(peer)
                 peer.close(CLOSE_GOING_AWAY, "credential revoked")
+                closed += 1
+        return closed
 
 
 def _run_command(command: tuple[Any, tuple[Any, ...]]) -> None:

@@ -256,7 +256,7 @@ def test_sigterm_closes_clients_with_1001_and_exits_zero(tmp_path: Path) -> None
         text=True,
     )
     try:
-        line = proc.stderr.readline()
+        line = next(line for line in proc.stderr if "listening on" in line)
         port = int(line.rsplit(":", 1)[1])
 
         async def client() -> None:
@@ -268,7 +268,7 @@ def test_sigterm_closes_clients_with_1001_and_exits_zero(tmp_path: Path) -> None
 
         trio.run(client)
         assert proc.wait(timeout=TIMEOUT) == 0
-        assert "received SIGTERM, shutting down" in proc.stderr.read()
+        assert "received SIGTERM: shutting down" in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
