@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ NodeClientFactory = Callable[..., NodeClient]
 
 @pytest.fixture
 def broker_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerFactory]:
-    """Start brokers: `broker_factory(config, args=(), env=None)` returns a started BrokerProcess.
+    """Start brokers: `broker_factory(config, args=(), env=None, command=None)` returns a
+    started BrokerProcess (`command` replaces `python -m phxbroker serve --config {config}`).
 
     At teardown every broker still running is stopped with SIGTERM; one that does not
     exit 0, or that logged a Python traceback, fails the test.
@@ -33,11 +34,12 @@ def broker_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[B
         *,
         args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
         timeout: float = 10,
     ) -> BrokerProcess:
         workdir = tmp_path / f"broker{len(brokers)}"
         workdir.mkdir()
-        broker = BrokerProcess(config, workdir, args=args, env=env)
+        broker = BrokerProcess(config, workdir, args=args, env=env, command=command)
         brokers.append(broker)
         return broker.start(timeout=timeout)
 

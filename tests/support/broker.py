@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,6 +21,7 @@ LISTENING = re.compile(
 )
 EPHEMERAL_LISTEN = "127.0.0.1:0"
 ADMIN_SOCKET = "admin.sock"  # relative to the config file: each broker has its own
+SERVICE_MANAGER_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
 
 
 class BrokerError(AssertionError):
@@ -35,6 +36,9 @@ class BrokerProcess:
     own; a config given as a string is written verbatim, so it must choose its own listen
     address and admin socket. Both output streams are
     drained by threads into `lines` for as long as the process runs.
+
+    `command` replaces `python -m phxbroker serve --config FILE` (e.g. a systemd unit's
+    ExecStart line); "{config}" in it stands for the config file's path.
     """
 
     def __init__(
@@ -44,12 +48,14 @@ class BrokerProcess:
         *,
         args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.config_path = self.workdir / "phxbroker.toml"
         self.config_path.write_text(_config_text(config))
         self.args = args
         self.env = env
+        self.command = command
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._proc: subprocess.Popen[str] | None = None
@@ -62,8 +68,14 @@ class BrokerProcess:
 
         Raises BrokerError (with the log) if it exits or stays silent for `timeout` s.
         """
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        command = [sys.executable, "-m", "phxbroker", "serve", "--config", str(self.config_path)]
+        # The test run's own service-manager variables never reach the broker by accident.
+        inherited = {k: v for k, v in os.environ.items() if k not in SERVICE_MANAGER_VARS}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        if self.command is None:
+            command = [sys.executable, "-m", "phxbroker", "serve", "--config", "{config}"]
+        else:
+            command = list(self.command)
+        command = [part.replace("{config}", str(self.config_path)) for part in command]
         self._proc = subprocess.Popen(
             [*command, *self.args],
             cwd=self.workdir,
