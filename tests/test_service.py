@@ -196,6 +196,21 @@ def test_exec_start_pre_passes_a_good_config_and_stops_a_bad_one(tmp_path: Path)
         assert "Traceback" not in result.stderr and "Usage" not in result.stderr
 
 
+def test_under_journald_the_refusal_is_filed_as_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[surver]\n")
+    [argv] = UnitFile().commands("ExecStartPre")
+    wrapper = 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"'
+    result = subprocess.run(
+        ["sh", "-c", wrapper, "sh", *localize(argv, str(bad))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"<3>phxbroker: config error in {bad} at surver: unknown key\n"
+
+
 # -- the notify protocol ---------------------------------------------------------------
 
 
