@@ -28,6 +28,9 @@ ALICE_TOKEN = "alice-Xq9-secret-token"
 BOB_TOKEN = "bob-Kv2-secret-token"
 SHARED_PASS = "shared-Zr7-password"
 TOPIC = "room:lobby"
+# Runs a command as systemd does with StandardError=journal: $JOURNAL_STREAM names the
+# device and inode of its stderr.
+UNDER_JOURNALD = ["sh", "-c", 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"', "sh"]
 
 
 def config(*, echo: tuple[str, ...] = (), drain_timeout: float = 5, **log: str) -> dict[str, Any]:
@@ -56,12 +59,7 @@ def start_unit(
     env: dict[str, str] | None = None,
     journald: bool = False,
 ) -> BrokerProcess:
-    command = unit_exec_start()
-    if journald:
-        # What systemd does for StandardError=journal: $JOURNAL_STREAM names stderr's
-        # device and inode.
-        command = ["sh", "-c", 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"']
-        command += ["sh", *unit_exec_start()]
+    command = [*UNDER_JOURNALD, *unit_exec_start()] if journald else unit_exec_start()
     return broker_factory(cfg, command=command, env=env)
 
 
@@ -200,9 +198,8 @@ def test_under_journald_the_refusal_is_filed_as_an_error(tmp_path: Path) -> None
     bad = tmp_path / "bad.toml"
     bad.write_text("[surver]\n")
     [argv] = UnitFile().commands("ExecStartPre")
-    wrapper = 'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"'
     result = subprocess.run(
-        ["sh", "-c", wrapper, "sh", *localize(argv, str(bad))],
+        [*UNDER_JOURNALD, *localize(argv, str(bad))],
         capture_output=True,
         text=True,
         timeout=30,
