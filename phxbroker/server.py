@@ -85,6 +85,7 @@ class Server:
         self.open_connections = ConnectionCounter()  # TCP connections, per client address
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self._reload_lock = trio.Lock()
+        self.reload_error: str | None = None  # why the last reload was refused
         self._status_note = ""
         self._stop_requested = False
         self._stopping = False  # the nursery is being cancelled: the broker is going away
@@ -463,10 +464,12 @@ class Server:
     async def reload(self) -> bool:
         """Re-read the config file and apply it without dropping connections: topic rules,
         auth and limits change in place. A config that cannot be loaded is refused with one
-        log line and the running one stays in force. True when the new config is in force.
+        log line and the running one stays in force. True when the new config is in force;
+        otherwise `reload_error` says why.
         """
         async with self._reload_lock:
             if self.draining:
+                self.reload_error = "the daemon is shutting down"
                 log.info("reload ignored: shutting down")
                 return False
             self.notifier.reloading()
@@ -478,8 +481,7 @@ class Server:
     async def _reload(self) -> bool:
         path = self.config.path
         if path is None:
-            log.error("reload refused: the running config was not read from a file")
-            return False
+            return self._refuse_reload("the running config was not read from a file")
         try:
             new = self._with_overrides(load_config(path))
             authenticator = Authenticator(new.auth, self.bans)
@@ -488,11 +490,12 @@ class Server:
         except Exception as exc:
             log.exception("internal error while reloading %s", path)
             return self._refuse_reload(f"internal error ({type(exc).__name__})")
-        if new.server.listen != self.config.server.listen:
+        wanted = (new.server.listen_host, new.server.listen_port)
+        running = (self.config.server.listen_host, self.config.server.listen_port)
+        if wanted not in (running, self.listen_address):
             log.warning(
-                "reload: the listen address (%s) changes only on restart; still on %s",
+                "reload: a new listen address (%s) takes effect only after a restart",
                 new.server.listen,
-                self.config.server.listen,
             )
             server = replace(
                 new.server,
@@ -511,7 +514,9 @@ class Server:
             closed = await self.ask(self._apply_in_broker, new)
         except Exception:
             log.exception("internal error while applying the config from %s", path)
+            self.reload_error = "internal error, see the daemon's log"
             return False
+        self.reload_error = None
         self._status_note = f"config reloaded at {time.strftime('%H:%M:%S')}"
         log.info(
             "reloaded config from %s: %d topic patterns, %d static tokens%s",
@@ -525,6 +530,7 @@ class Server:
         return True
 
     def _refuse_reload(self, reason: str) -> bool:
+        self.reload_error = reason
         self._status_note = (
             f"reload refused at {time.strftime('%H:%M:%S')}, running the previous config"
         )

@@ -291,6 +291,37 @@ def test_reload_applies_a_good_config_and_refuses_a_broken_one_while_clients_sta
         assert client.seen({"type": "channel_error"}) == []
 
 
+def test_phxbroker_reload_is_logged_and_notified_like_sighup(
+    broker_factory: BrokerFactory, systemd: NotifySocket
+) -> None:
+    broker = start_unit(broker_factory, config(), env=systemd.env())
+    systemd.wait_for({"READY": "1"})
+    reload = [*localize(["/opt/phxbroker/bin/phxbroker"], ""), "reload", "--config"]
+
+    broken = config()
+    broken["admin"] = {"socket": "admin.sock"}  # where the CLI finds this daemon
+    broken["topics"][0]["join"] = "everyone"
+    broker.config_path.write_text(tomli_w.dumps(broken))
+    mark, notes = broker.mark(), systemd.mark()
+    result = subprocess.run([*reload, str(broker.config_path)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "reload refused, the running config is kept: " in result.stderr
+    assert "at topics[0].join" in result.stderr
+    index, _ = systemd.wait_for({"RELOADING": "1"}, since=notes)
+    _, ready = systemd.wait_for({"READY": "1"}, since=index + 1)
+    assert "reload refused" in ready["STATUS"]
+    refused = broker.wait_for_log("reload refused", since=mark).string
+    assert "at topics[0].join" in refused and broker.lines[mark:] == [refused]
+
+    good = {**config(echo=("ping",)), "admin": {"socket": "admin.sock"}}
+    broker.config_path.write_text(tomli_w.dumps(good))
+    notes = systemd.mark()
+    result = subprocess.run([*reload, str(broker.config_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    _, ready = systemd.wait_for({"READY": "1"}, since=notes)
+    assert "config reloaded at" in ready["STATUS"]
+
+
 # -- drain -----------------------------------------------------------------------------
 
 
