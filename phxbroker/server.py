@@ -396,7 +396,7 @@ class Server:
 
     def status_text(self) -> str:
         """What systemd shows as the service's Status: one short line."""
-        count = len(self.connections) + self.stats.longpoll_open
+        count = self.stats.connections_open  # every transport
         plural = "" if count == 1 else "s"
         if self.draining:
             return f"draining: {count} connection{plural} left"
@@ -420,8 +420,10 @@ class Server:
             self._listener = None
         self.notifier.stopping(self.status_text())
         log.info(
-            "draining: stopped accepting; closing %d websockets with 1001; waiting up to %g s",
+            "draining: stopped accepting; closing %d websockets with 1001 and %d long-poll "
+            "sessions; waiting up to %g s",
             len(self.connections),
+            self.stats.longpoll_open,
             timeout,
         )
         for peer in list(self.connections):

@@ -344,6 +344,26 @@ def test_sigterm_drains_phoenix_clients_with_1001_and_they_try_to_reconnect(
     assert "drain timeout" not in broker.log_text
 
 
+def test_sigterm_ends_long_poll_sessions_and_phoenix_js_tries_to_reconnect(
+    broker_factory: BrokerFactory, node_client_factory: NodeClientFactory
+) -> None:
+    broker = start_unit(broker_factory, config(drain_timeout=30))
+    alice = node_client_factory("alice")
+    alice.connect(
+        broker.socket_url(), {"token": ALICE_TOKEN}, transport="longpoll", reconnectAfterMs=[100]
+    )
+    alice.expect_open()
+    assert alice.join(TOPIC)["status"] == "ok"
+    mark = broker.mark()
+    broker.send_signal(signal.SIGTERM)
+    # phoenix.js 1.8 reads the ended session's 410 as "session gone" and reconnects.
+    assert alice.expect({"type": "close"})["code"] == 3410
+    alice.expect({"type": "error"})
+    assert broker.wait() == 0
+    broker.wait_for_log(r"closing 0 websockets with 1001 and 1 long-poll sessions", since=mark)
+    broker.wait_for_log(r"drained in [\d.]+ s: every connection closed", since=mark)
+
+
 def test_a_client_that_ignores_the_close_is_cut_at_the_drain_timeout(
     broker_factory: BrokerFactory, node_client_factory: NodeClientFactory
 ) -> None:
