@@ -182,15 +182,22 @@ def test_exec_start_pre_passes_a_good_config_and_stops_a_bad_one(tmp_path: Path)
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\ndrain_timeout = "soon"\n')
     missing = tmp_path / "missing.toml"
-    for path, words in [
-        (bad, "at server.drain_timeout: expected a number"),
-        (missing, "does not exist"),
-        (tmp_path, "cannot be read"),  # a directory: unreadable as a file
+    # A file the config refers to is read by check-config too.
+    no_tokens = tmp_path / "no-tokens.toml"
+    no_tokens.write_text('[auth]\ntokens_file = "gone.toml"\n')
+    tokens_dir = tmp_path / "dir-tokens.toml"
+    tokens_dir.write_text(f'[auth]\ntokens_file = "{tmp_path}"\n')
+    for path, named, words in [
+        (bad, bad, "at server.drain_timeout: expected a number"),
+        (missing, missing, "does not exist"),
+        (tmp_path, tmp_path, "cannot be read"),  # a directory: unreadable as a file
+        (no_tokens, tmp_path / "gone.toml", "does not exist"),
+        (tokens_dir, tmp_path, "cannot be read"),
     ]:
         [result] = run_commands("ExecStartPre", str(path))
         assert result.returncode == 2, result
         assert result.stderr.count("\n") == 1, result.stderr
-        assert str(path) in result.stderr and words in result.stderr, result.stderr
+        assert f"config error in {named}" in result.stderr and words in result.stderr
         assert "Traceback" not in result.stderr and "Usage" not in result.stderr
 
 
