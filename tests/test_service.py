@@ -363,8 +363,10 @@ def test_sigterm_ends_long_poll_sessions_and_phoenix_js_tries_to_reconnect(
     assert alice.join(TOPIC)["status"] == "ok"
     mark = broker.mark()
     broker.send_signal(signal.SIGTERM)
-    # phoenix.js 1.8 reads the ended session's 410 as "session gone" and reconnects.
-    assert alice.expect({"type": "close"})["code"] == 3410
+    # A poll held at that moment is answered 410, which phoenix.js 1.8 reads as "session
+    # gone" (3410); one between two polls finds the listener closed (1011). Either way it
+    # tries to reconnect.
+    assert alice.expect({"type": "close"})["code"] in (3410, 1011)
     alice.expect({"type": "error"})
     assert broker.wait() == 0
     broker.wait_for_log(r"closing 0 websockets with 1001 and 1 long-poll sessions", since=mark)
