@@ -187,12 +187,18 @@ def test_exec_start_pre_passes_a_good_config_and_stops_a_bad_one(tmp_path: Path)
     no_tokens.write_text('[auth]\ntokens_file = "gone.toml"\n')
     tokens_dir = tmp_path / "dir-tokens.toml"
     tokens_dir.write_text(f'[auth]\ntokens_file = "{tmp_path}"\n')
+    no_cert = tmp_path / "no-cert.toml"
+    no_cert.write_text(f'[server]\ntls_cert = "{tmp_path}/c.pem"\ntls_key = "{tmp_path}/k.pem"\n')
+    no_secret = tmp_path / "no-secret.toml"
+    no_secret.write_text(f'[auth.jwt]\nalgorithms = ["HS256"]\nsecret_file = "{tmp_path}/s"\n')
     for path, named, words in [
         (bad, bad, "at server.drain_timeout: expected a number"),
         (missing, missing, "does not exist"),
         (tmp_path, tmp_path, "cannot be read"),  # a directory: unreadable as a file
         (no_tokens, tmp_path / "gone.toml", "does not exist"),
         (tokens_dir, tmp_path, "cannot be read"),
+        (no_cert, no_cert, f"at server.tls_cert: '{tmp_path}/c.pem' does not exist"),
+        (no_secret, no_secret, f"at auth.jwt.secret_file: '{tmp_path}/s' does not exist"),
     ]:
         [result] = run_commands("ExecStartPre", str(path))
         assert result.returncode == 2, result
