@@ -356,11 +356,14 @@ class Server:
             await trio.sleep(SWEEP_INTERVAL)
             now = hub.now = trio.current_time()
             idle_after = self.config.server.idle_timeout
+            # While draining, clients get the whole drain timeout to answer the close;
+            # shutdown() cuts whoever is left when it expires.
+            closing_grace = math.inf if self.draining else CLOSE_HANDSHAKE_TIMEOUT
             for peer in list(self.connections):
                 if peer.state == OPEN and now - peer.last_rx > idle_after:
                     log.info("closing %s: nothing received for %g s", peer, idle_after)
                     peer.close(CLOSE_IDLE)
-                elif peer.state == CLOSING and now - peer.closing_since > CLOSE_HANDSHAKE_TIMEOUT:
+                elif peer.state == CLOSING and now - peer.closing_since > closing_grace:
                     peer.abort()
             hub.flush()
 

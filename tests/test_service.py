@@ -396,6 +396,19 @@ def test_a_client_that_ignores_the_close_is_cut_at_the_drain_timeout(
     deaf.close()
 
 
+def test_a_drain_timeout_longer_than_the_close_handshake_grace_is_honoured(
+    broker_factory: BrokerFactory,
+) -> None:
+    """The idle sweeper aborts a connection stuck closing after 5 s, but not during a drain:
+    there the client gets the whole drain timeout."""
+    broker = start_unit(broker_factory, config(drain_timeout=7))
+    deaf = raw_websocket(broker, BOB_TOKEN)
+    broker.send_signal(signal.SIGTERM)
+    broker.wait_for_log(r"drain timeout after 7 s: cutting 1 connections", timeout=15)
+    assert broker.wait() == 0
+    deaf.close()
+
+
 def test_a_second_sigterm_during_the_drain_stops_at_once(broker_factory: BrokerFactory) -> None:
     broker = start_unit(broker_factory, config(drain_timeout=600))
     deaf = raw_websocket(broker, BOB_TOKEN)
