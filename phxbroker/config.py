@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import ssl
 import tomllib
 from collections.abc import Iterator
@@ -41,6 +42,13 @@ class ConfigError(Exception):
         super().__init__(f"config error in {self.file}{where}: {reason}")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen_host: str = "127.0.0.1"
@@ -57,6 +65,8 @@ class ServerConfig:
     check_origin: origin.OriginPolicy = origin.CHECK_HOST
     tls_cert: str = ""
     tls_key: str = ""
+    # Peers whose X-Forwarded-For names the real client (a reverse proxy on this host).
+    trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK
     # Loaded from tls_cert/tls_key when the config is read, so a reload re-reads them.
     tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
@@ -387,6 +397,7 @@ def _parse_server(t: Table) -> ServerConfig:
         max_header_size=t.int("max_header_size", d.max_header_size, minimum=1024),
         host=t.str("host", d.host).lower(),
         check_origin=_check_origin(t),
+        trusted_proxies=_trusted_proxies(t),
         drain_timeout=t.number("drain_timeout", d.drain_timeout, minimum=0),
         **_tls(t),
     )
@@ -394,6 +405,20 @@ def _parse_server(t: Table) -> ServerConfig:
         raise t.error("host", "must not be empty")
     t.done()
     return cfg
+
+
+def _trusted_proxies(t: Table) -> tuple[IPNetwork, ...]:
+    if not t.has("trusted_proxies"):
+        return LOOPBACK
+    networks = []
+    for text in t.str_list("trusted_proxies"):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise t.error(
+                "trusted_proxies", f"{text!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(networks)
 
 
 def _check_origin(t: Table) -> origin.OriginPolicy:

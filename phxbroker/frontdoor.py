@@ -21,6 +21,7 @@ from wsproto.utilities import generate_accept_token
 
 from phxbroker.auth import Refused
 from phxbroker.http import BadRequest, HttpConnection, Request
+from phxbroker.limits import client_address, forwarded_client
 from phxbroker.protocol import serializer_for
 from phxbroker.websocket import WebSocketPeer
 
@@ -53,8 +54,11 @@ class FrontDoor:
         """Serve requests under `prefix` that no route takes (its own 404 and 405)."""
         self.fallbacks[prefix] = handler
 
-    async def serve(self, sock: socket.socket, remote: str) -> None:
-        """Answer requests on one connection until it closes or is upgraded."""
+    async def serve(
+        self, sock: socket.socket, remote: str, counted: list[str] | None = None
+    ) -> None:
+        """Answer requests on one connection until it closes or is upgraded. `counted`
+        holds the address the connection is counted under for the connection limits."""
         cfg = self.server.config.server
         conn = HttpConnection(
             sock, remote, max_header_size=cfg.max_header_size, timeout=cfg.handshake_timeout
@@ -64,12 +68,27 @@ class FrontDoor:
                 request = await conn.read_request()
                 if request is None:
                     return
+                self._attribute(request, counted)
                 if await self.dispatch(conn, request) or not await conn.finish_request():
                     return
         except BadRequest as exc:
             self.server.stats.count_refusal("bad_http")
             log.info("bad HTTP request from %s: %s", remote, exc)
             await conn.send_error(exc)
+
+    def _attribute(self, request: Request, counted: list[str] | None) -> None:
+        """Behind a trusted proxy the client is the one X-Forwarded-For names: it is what
+        logs show and what the per-address limit counts."""
+        trusted = self.server.config.server.trusted_proxies
+        forwarded = request.header("x-forwarded-for")
+        client = forwarded_client(request.remote, forwarded, trusted) if forwarded else None
+        if client is None:
+            return
+        request.remote = client
+        if counted is not None:
+            address = client_address(client)
+            self.server.open_connections.moved(counted[0], address)
+            counted[0] = address
 
     async def dispatch(self, conn: HttpConnection, request: Request) -> bool:
         """Handle one request; True when the connection was taken over (upgraded)."""

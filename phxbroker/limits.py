@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from phxbroker.config import LimitsConfig
+from phxbroker.config import IPNetwork, LimitsConfig
 from phxbroker.stats import Stats
 
 log = logging.getLogger("phxbroker.limits")
@@ -27,16 +27,52 @@ def client_address(remote: str) -> str:
     client cannot escape its limit by hopping between its own addresses; IPv4-mapped
     IPv6 addresses count as the IPv4 address they carry.
     """
-    host = remote.rpartition(":")[0] or remote
-    if not host.startswith("["):
+    host = remote_ip(remote)
+    if ":" not in host:
         return host
     try:
-        ip = ipaddress.IPv6Address(host[1:-1].split("%")[0])
+        ip = ipaddress.IPv6Address(host.split("%")[0])
     except ValueError:
         return host
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+def remote_ip(remote: str) -> str:
+    """The IP text of "host:port", "[v6]:port", "host" or "[v6]"."""
+    if remote.startswith("["):
+        return remote[1 : remote.find("]")]
+    host, sep, _ = remote.rpartition(":")
+    return host if sep and ":" not in host else remote
+
+
+def forwarded_client(remote: str, forwarded_for: str, trusted: tuple[IPNetwork, ...]) -> str | None:
+    """The client a trusted proxy speaks for, as "1.2.3.4" or "[2001:db8::1]", or None.
+
+    Only a peer inside `trusted` is believed. X-Forwarded-For lists each hop's client,
+    appended by each proxy, so the rightmost address that is not itself a trusted proxy
+    is the first one nobody could forge; anything left of it is the client's own say.
+    """
+    if not forwarded_for or not _inside(remote_ip(remote), trusted):
+        return None
+    for hop in reversed(forwarded_for.split(",")):
+        text = hop.strip()
+        try:
+            ip = ipaddress.ip_address(remote_ip(text) if text.startswith("[") else text)
+        except ValueError:
+            return None  # a garbled chain says nothing we can trust
+        if not _inside(str(ip), trusted):
+            return f"[{ip}]" if ip.version == 6 else str(ip)
+    return None
+
+
+def _inside(ip_text: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(ip_text.split("%")[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 class ConnectionCounter:
@@ -49,6 +85,12 @@ class ConnectionCounter:
     def opened(self, address: str) -> None:
         self.total += 1
         self.per_address[address] = self.per_address.get(address, 0) + 1
+
+    def moved(self, old: str, new: str) -> None:
+        """Count an open connection under another address (the client behind a proxy)."""
+        if old != new:
+            self.closed(old)
+            self.opened(new)
 
     def closed(self, address: str) -> None:
         self.total -= 1

@@ -251,22 +251,23 @@ class Server:
                 nursery.start_soon(self._serve_connection, sock, _format_addr(addr))
 
     async def _serve_connection(self, sock: socket.socket, remote: str) -> None:
-        address = client_address(remote)
-        self.open_connections.opened(address)
+        # A one-item list: the front door moves the count to the client behind a proxy.
+        counted = [client_address(remote)]
+        self.open_connections.opened(counted[0])
         try:
             context = self.config.server.tls_context
             if context is None:
-                await self.frontdoor.serve(sock, remote)
+                await self.frontdoor.serve(sock, remote, counted)
             else:
                 tls_sock = TlsSocket(sock, context)
                 if await self._tls_handshake(tls_sock, remote):
-                    await self.frontdoor.serve(tls_sock, remote)
+                    await self.frontdoor.serve(tls_sock, remote, counted)
         except OSError:
             pass  # the client went away mid-request
         except Exception:
             log.exception("internal error while serving %s", remote)
         finally:
-            self.open_connections.closed(address)
+            self.open_connections.closed(counted[0])
             close_socket(sock)
 
     async def _tls_handshake(self, tls_sock: TlsSocket, remote: str) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phxbroker.config import ConfigError, LimitsConfig, parse_config
-from phxbroker.limits import ConnectionCounter, TokenBucket, client_address
+from phxbroker.config import LOOPBACK, ConfigError, LimitsConfig, parse_config
+from phxbroker.limits import ConnectionCounter, TokenBucket, client_address, forwarded_client
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,8 @@ from phxbroker.limits import ConnectionCounter, TokenBucket, client_address
         ("[2001:db8:1:2:ffff::1]:443", "2001:db8:1:2::/64"),  # same /64, same client
         ("[::ffff:203.0.113.7]:80", "203.0.113.7"),
         ("[::1]:4000", "::/64"),
+        ("203.0.113.7", "203.0.113.7"),  # as named by X-Forwarded-For: no port
+        ("[2001:db8:1:2::9]", "2001:db8:1:2::/64"),
     ],
 )
 def test_client_addresses(remote: str, address: str) -> None:
@@ -82,3 +84,35 @@ def test_limits_config() -> None:
         parse_config({"limits": {"message_burst": 0}})
     with pytest.raises(ConfigError, match=r"at limits\.max_connection: unknown key"):
         parse_config({"limits": {"max_connection": 5}})
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded_for", "client"),
+    [
+        ("127.0.0.1:5000", "203.0.113.7", "203.0.113.7"),
+        ("[::1]:5000", "2001:db8::9", "[2001:db8::9]"),
+        # The client may write anything left of what the proxy appended.
+        ("127.0.0.1:5000", "10.9.9.9, 203.0.113.7", "203.0.113.7"),
+        # A chain of trusted proxies: the rightmost untrusted hop is the client.
+        ("127.0.0.1:5000", "203.0.113.7, 127.0.0.2", "203.0.113.7"),
+        # An untrusted peer's header is ignored.
+        ("198.51.100.1:5000", "203.0.113.7", None),
+        # A garbled or all-trusted chain names nobody.
+        ("127.0.0.1:5000", "not-an-ip", None),
+        ("127.0.0.1:5000", "127.0.0.5", None),
+        ("127.0.0.1:5000", "", None),
+    ],
+)
+def test_a_trusted_proxy_names_the_client(remote, forwarded_for, client) -> None:
+    assert forwarded_client(remote, forwarded_for, LOOPBACK) == client
+
+
+def test_trusted_proxies_config() -> None:
+    default = parse_config({}).server.trusted_proxies
+    assert default == LOOPBACK
+    none = parse_config({"server": {"trusted_proxies": []}}).server.trusted_proxies
+    assert none == ()
+    custom = parse_config({"server": {"trusted_proxies": ["10.0.0.0/8"]}}).server
+    assert forwarded_client("10.1.2.3:9", "203.0.113.7", custom.trusted_proxies) == "203.0.113.7"
+    with pytest.raises(ConfigError, match=r"server.trusted_proxies: 'nope' is not an IP"):
+        parse_config({"server": {"trusted_proxies": ["nope"]}})
