@@ -11,7 +11,7 @@ import click
 import trio
 
 from phxbroker import __version__, cli_admin, cli_tokens, logs
-from phxbroker.cli_common import DEFAULT_CONFIG, OneSentenceGroup, fail
+from phxbroker.cli_common import OneSentenceGroup, config_option, fail
 from phxbroker.config import ConfigError, load_config, parse_listen
 from phxbroker.server import Server, StartupError
 
@@ -27,14 +27,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="The TOML config file.",
-)
+@config_option
 @click.option("--listen", metavar="HOST:PORT", help="Override [server] listen.")
 def serve(config_path: Path, listen: str | None) -> None:
     """Run the broker."""

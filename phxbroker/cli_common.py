@@ -25,11 +25,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def config_option(func: F) -> F:
-    """`--config FILE`, defaulting to the file `serve` reads."""
+    """`--config FILE`, defaulting to the file `serve` reads. Any path is taken: the config
+    loader explains in one sentence what is wrong with it (a directory, a missing file)."""
     return click.option(
         "--config",
         "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),
         default=DEFAULT_CONFIG,
         show_default=True,
         help="The TOML config file.",
