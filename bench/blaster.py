@@ -14,9 +14,7 @@ Prints `listening on http://127.0.0.1:PORT` to stderr, stops on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
-import hashlib
 import select
 import signal
 import socket
@@ -27,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import orjson
 from wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_server_frame
-
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+from wsproto.utilities import generate_accept_token
 
 
 class Client:
@@ -45,7 +42,7 @@ class Client:
 
 
 class Blaster:
-    def __init__(self, port: int, frames_per_write: int) -> None:
+    def __init__(self, port: int, frames_per_write: int, drop_every: int = 0) -> None:
         self.listener = socket.create_server(("127.0.0.1", port), backlog=4096)
         self.listener.setblocking(False)
         self.ep = select.epoll()
@@ -54,6 +51,8 @@ class Blaster:
         self.topics: dict[str, dict[int, Client]] = {}
         self.dirty: dict[int, Client] = {}
         self.one_by_one = frames_per_write == 1
+        self.drop_every = drop_every
+        self.relayed = 0
         self.running = True
 
     def serve(self) -> None:
@@ -119,7 +118,7 @@ class Blaster:
                 (k.strip().lower(), v.strip()) for k, _, v in (h.partition(":") for h in head[1:])
             )
             key = headers.get("sec-websocket-key", "").encode()
-            accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+            accept = generate_accept_token(key)
             c.out += (
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
@@ -172,12 +171,18 @@ class Blaster:
             return
         frame = encode_server_frame(orjson.dumps([None, None, topic, event, body]))
         dirty = self.dirty
+        subscribers = self.topics.get(topic, {})
+        self.relayed += 1
+        if self.drop_every and self.relayed % self.drop_every == 0:
+            # Deliberate loss: the latest subscriber misses this broadcast.
+            subscribers = dict(subscribers)
+            subscribers.popitem()
         if self.one_by_one:
-            for sfd, s in self.topics.get(topic, {}).items():
+            for sfd, s in subscribers.items():
                 s.frames_out.append(frame)
                 dirty[sfd] = s
         else:
-            for sfd, s in self.topics.get(topic, {}).items():
+            for sfd, s in subscribers.items():
                 s.out += frame
                 dirty[sfd] = s
 
@@ -219,8 +224,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--frames-per-write", choices=["many", "1"], default="many")
+    p.add_argument(
+        "--drop-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="withhold every K-th broadcast from the latest subscriber",
+    )
     o = p.parse_args()
-    blaster = Blaster(o.port, 1 if o.frames_per_write == "1" else 0)
+    blaster = Blaster(o.port, 1 if o.frames_per_write == "1" else 0, o.drop_every)
 
     def stop(*_):
         blaster.running = False

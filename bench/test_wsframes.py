@@ -6,6 +6,8 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from wsframes import (
@@ -75,3 +77,27 @@ def test_parser_returns_whole_frames_and_client_frames_unmask():
     assert parser.feed(wire[3:10]) == [(1, b"abc")]
     assert parser.feed(wire[10:]) == [(1, b"d" * 300)]
     assert parser.take_rest() == b""
+
+
+def test_handshake_checks_the_accept_token():
+    from wsframes import ClientHandshake, HandshakeError
+
+    def response(accept: str) -> bytes:
+        return (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        ).encode()
+
+    # The example from RFC 6455 section 1.3.
+    hs = ClientHandshake("127.0.0.1:1", "/socket/websocket?vsn=2.0.0")
+    hs._key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    assert hs.receive(response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")[:20]) is None
+    assert hs.receive(response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")[20:] + b"\x81\x00") == b"\x81\x00"
+
+    hs = ClientHandshake("127.0.0.1:1", "/socket/websocket?vsn=2.0.0")
+    with pytest.raises(HandshakeError, match="Accept"):
+        hs.receive(response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="))
+
+    hs = ClientHandshake("127.0.0.1:1", "/x")
+    with pytest.raises(HandshakeError, match="403"):
+        hs.receive(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")

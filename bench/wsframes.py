@@ -8,12 +8,10 @@ count server frames by walking their headers without copying or decoding them.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 
 import h11
-
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+from wsproto.utilities import generate_accept_token
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -68,7 +66,7 @@ class ClientHandshake:
         status = getattr(event, "status_code", None)
         if status != 101:
             raise HandshakeError(f"HTTP {status} instead of 101")
-        expected = base64.b64encode(hashlib.sha1(self._key + _WS_GUID).digest())
+        expected = generate_accept_token(self._key)
         accept = dict(event.headers).get(b"sec-websocket-accept")
         if accept != expected:
             raise HandshakeError("wrong Sec-WebSocket-Accept")
