@@ -237,9 +237,9 @@ class LoadGenerator:
 
     def fail(self, c: Conn, reason: str) -> None:
         self.failures[reason] += 1
-        self.kill(c)
+        self.kill(c, reason)
 
-    def kill(self, c: Conn) -> None:
+    def kill(self, c: Conn, why: str = "") -> None:
         """Forget a connection; a joined one counts as dropped."""
         if c.state == DEAD:
             return
@@ -256,7 +256,7 @@ class LoadGenerator:
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
             c.sock.close()
         if c is self.pub:
-            raise Stop("the publishing connection was closed")
+            raise Stop(f"the publishing connection was closed: {why}")
 
     def on_event(self, c: Conn, ev: int) -> None:
         if c.kind == HTTP:
@@ -310,7 +310,7 @@ class LoadGenerator:
     def note_close(self, c: Conn, why: str) -> None:
         if c.state == JOINED:
             self.close_codes[why] += 1
-            self.kill(c)
+            self.kill(c, why)
         else:
             self.fail(c, f"closed while {('connecting', 'upgrading', 'joining')[c.state]}: {why}")
 
