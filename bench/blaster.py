@@ -2,7 +2,8 @@
 """A minimal, fast Phoenix V2 relay used to check the load generator's own ceiling.
 
 It is not a broker: it answers joins and heartbeats on any topic and relays every
-other client event as a broadcast to all subscribers of that topic. A broadcast
+other client event as a broadcast to all subscribers of that topic; so does
+`POST /api/broadcast {topic, event, payload}`. A broadcast
 is encoded once and appended to each subscriber's out buffer; buffers are
 flushed once per event-loop pass, so every write carries all frames queued since
 the last one (as a server that coalesces writes does). `--frames-per-write 1`
@@ -42,7 +43,9 @@ class Client:
 
 
 class Blaster:
-    def __init__(self, port: int, frames_per_write: int, drop_every: int = 0) -> None:
+    def __init__(
+        self, port: int, frames_per_write: int, drop_every: int = 0, api_key: str = ""
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", port), backlog=4096)
         self.listener.setblocking(False)
         self.ep = select.epoll()
@@ -52,6 +55,7 @@ class Blaster:
         self.dirty: dict[int, Client] = {}
         self.one_by_one = frames_per_write == 1
         self.drop_every = drop_every
+        self.api_key = api_key
         self.relayed = 0
         self.running = True
 
@@ -108,24 +112,45 @@ class Blaster:
             self.drop(fd, c)
             return
         c.buf += data
-        if not c.upgraded:
-            end = c.buf.find(b"\r\n\r\n")
-            if end < 0:
+        while not c.upgraded:
+            if not self.on_http(fd, c):
                 return
-            head = bytes(c.buf[:end]).decode("latin-1").split("\r\n")
+        self.on_frames(fd, c)
+
+    def on_http(self, fd: int, c: Client) -> bool:
+        """Answer one complete HTTP request (upgrade or API); False if none is complete."""
+        end = c.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(c.buf[:end]).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        if not head[0].startswith("POST /api/broadcast "):
             del c.buf[: end + 4]
-            headers = dict(
-                (k.strip().lower(), v.strip()) for k, _, v in (h.partition(":") for h in head[1:])
-            )
-            key = headers.get("sec-websocket-key", "").encode()
-            accept = generate_accept_token(key)
+            accept = generate_accept_token(headers.get("sec-websocket-key", "").encode())
             c.out += (
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
             )
             c.upgraded = True
             self.dirty[fd] = c
-        self.on_frames(fd, c)
+            return True
+        length = int(headers.get("content-length", "0"))
+        if len(c.buf) < end + 4 + length:
+            return False
+        body = bytes(c.buf[end + 4 : end + 4 + length])
+        del c.buf[: end + 4 + length]
+        if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
+            status, answer = b"401 Unauthorized", b'{"error":"unauthorized"}'
+        else:
+            msg = orjson.loads(body)
+            self.broadcast(msg["topic"], msg["event"], msg["payload"])
+            status, answer = b"200 OK", b'{"ok":true}'
+        c.out += (
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
+        )
+        self.dirty[fd] = c
+        return True
 
     def on_frames(self, fd: int, c: Client) -> None:
         buf = c.buf
@@ -169,6 +194,9 @@ class Blaster:
             reply = [join_ref, ref, topic, "phx_reply", {"response": {}, "status": "ok"}]
             self.send(fd, c, encode_server_frame(orjson.dumps(reply)))
             return
+        self.broadcast(topic, event, body)
+
+    def broadcast(self, topic: str, event: str, body) -> None:
         frame = encode_server_frame(orjson.dumps([None, None, topic, event, body]))
         dirty = self.dirty
         subscribers = self.topics.get(topic, {})
@@ -231,8 +259,9 @@ def main() -> int:
         metavar="K",
         help="withhold every K-th broadcast from the latest subscriber",
     )
+    p.add_argument("--api-key", default="", help="bearer key POST /api/broadcast requires")
     o = p.parse_args()
-    blaster = Blaster(o.port, 1 if o.frames_per_write == "1" else 0, o.drop_every)
+    blaster = Blaster(o.port, 1 if o.frames_per_write == "1" else 0, o.drop_every, o.api_key)
 
     def stop(*_):
         blaster.running = False

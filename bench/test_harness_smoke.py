@@ -162,3 +162,58 @@ def test_generator_reports_lost_deliveries(tmp_path):
     assert sent >= 40
     assert r["deliveries_lost"] == sent // 5
     assert r["deliveries_received"] == r["deliveries_expected"] - sent // 5
+
+
+def test_generator_publishes_through_the_http_api(tmp_path):
+    server = ServerProcess(
+        [sys.executable, str(BENCH / "blaster.py"), "--api-key", "k1"], tmp_path / "b.log"
+    )
+    try:
+        ok = _loadgen(
+            server.port,
+            server.proc.pid,
+            "--mode",
+            "rate",
+            "-n",
+            "10",
+            "--probes",
+            "2",
+            "--rate",
+            "40",
+            "--warmup",
+            "0",
+            "--duration",
+            "1",
+            "--publisher",
+            "http",
+            "--api-key",
+            "k1",
+        )
+        refused = _loadgen(
+            server.port,
+            server.proc.pid,
+            "--mode",
+            "rate",
+            "-n",
+            "10",
+            "--probes",
+            "2",
+            "--rate",
+            "40",
+            "--warmup",
+            "0",
+            "--duration",
+            "0.5",
+            "--publisher",
+            "http",
+            "--api-key",
+            "wrong",
+            "--drain-timeout",
+            "0.5",
+        )
+    finally:
+        server.stop()
+    _check_broadcast_run(ok, 10)
+    assert refused["deliveries_received"] == 0
+    assert refused["deliveries_lost"] == refused["deliveries_expected"] > 0
+    assert refused["publisher_notes"] == {"HTTP 401": refused["broadcasts_sent"]}
