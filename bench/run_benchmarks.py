@@ -523,9 +523,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="a run during which other processes used more CPU (in cores) is repeated",
     )
-    p.add_argument("--retries", type=int, default=2, help="repeats of a run on a busy box")
+    p.add_argument(
+        "--retries", type=int, default=None, help="repeats of a run on a busy box (2; quick: 0)"
+    )
     opts = p.parse_args(argv)
     opts.runs = opts.runs or (1 if opts.quick else 3)
+    if opts.retries is None:
+        opts.retries = 0 if opts.quick else 2
     scenarios = quick_scenarios() if opts.quick else full_scenarios()
     if opts.only:
         wanted = set(opts.only.split(","))
