@@ -80,7 +80,7 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     assert idle["heartbeats_sent"] > 0
     assert idle["heartbeats_acked"] == idle["heartbeats_sent"]
     assert idle["rss_after_kib"] > 0 and idle["rss_per_conn_kib"] is not None
-    assert idle["server_cpu_per_join_us"] is not None and idle["join_rate"] > 0
+    assert idle["server_cpu_join_s"] >= 0 and idle["join_rate"] > 0
 
     _check_broadcast_run(runs["sat1k"], 20)
     _check_broadcast_run(runs["lat1k"], 20)
