@@ -267,6 +267,8 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
 def server_command(target: str, config_path: Path) -> list[str]:
     if target == "blaster":
         return pinned(0, [sys.executable, str(BLASTER)])
+    if target == "blaster-1frame":
+        return pinned(0, [sys.executable, str(BLASTER), "--frames-per-write", "1"])
     return pinned(0, [sys.executable, "-m", "phxbroker", "serve", "--config", str(config_path)])
 
 
@@ -384,7 +386,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         lines += [f"> {opts.note}", ""]
     lines += [
         f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} against "
-        f"{'the blaster (generator check)' if opts.target == 'blaster' else 'phxbroker'}, "
+        f"{'phxbroker' if opts.target == 'phxbroker' else opts.target + ' (generator check)'}, "
         f"{opts.runs} run(s) per scenario, medians shown.",
         "",
         "## Machine",
@@ -505,9 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated scenario names")
     p.add_argument(
         "--target",
-        choices=["phxbroker", "blaster"],
+        choices=["phxbroker", "blaster", "blaster-1frame"],
         default="phxbroker",
-        help="blaster: measure the generator's ceiling instead of the broker",
+        help="blaster: measure the generator's ceiling instead of the broker "
+        "(blaster-1frame: with one frame per write)",
     )
     p.add_argument(
         "--output",
