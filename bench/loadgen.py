@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import gc
 import json
@@ -33,8 +34,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import contextlib
 
 import h11
 import orjson
@@ -144,12 +143,10 @@ class LoadGenerator:
         self.other_frames = 0
         self.pub_notes: collections.Counter[str] = collections.Counter()
         self.sent = 0
-        self.send_times: list[int] = []
         self.latencies_us: list[int] = []
         self.measure_from_seq = math.inf
         self.count_at = [0]
         self.min_count = 0
-        self.publishing_subs = 0
         target = opts.path + "?" + urlencode([*opts.param, ("vsn", "2.0.0")])
         self.target = target
         self.host_header = f"{opts.host}:{opts.port}"
@@ -495,7 +492,7 @@ class LoadGenerator:
         t = now_us()
         payload = b'{"seq":%d,"t":%d,"pad":"%s"}' % (seq, t, self.pad)
         if self.http is not None:
-            self.http.post(seq, payload)
+            self.http.post(payload)
         else:
             self.pub.hb_ref += 1
             self.send_text(
@@ -509,11 +506,7 @@ class LoadGenerator:
                     payload,
                 ),
             )
-        self.send_times.append(t)
         self.sent += 1
-
-    def total_delivered_target(self) -> int:
-        return self.sent * len(self.subs)
 
     # ---------------------------------------------------------------- phases
 
@@ -736,7 +729,7 @@ class HttpPublisher:
             hc = _HttpConn(self)
             self.idle.append(hc)
 
-    def post(self, seq: int, payload: bytes) -> None:
+    def post(self, payload: bytes) -> None:
         o = self.gen.o
         body = b'{"topic":%s,"event":%s,"payload":%s}' % (
             orjson.dumps(o.topic),
