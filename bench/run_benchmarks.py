@@ -47,6 +47,13 @@ outbox_limit = 67_108_864
 [auth]
 allow_anonymous = true
 
+# Every generated client comes from 127.0.0.1 and the publisher pushes as fast as it can:
+# the per-address, total and message-rate limits would refuse the load being measured.
+[limits]
+max_connections = 0
+max_connections_per_ip = 0
+message_rate = 0
+
 [[topics]]
 pattern = "bench:*"
 join = "anyone"
