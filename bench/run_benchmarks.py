@@ -47,12 +47,20 @@ outbox_limit = 67_108_864
 [auth]
 allow_anonymous = true
 
-# Every generated client comes from 127.0.0.1 and the publisher pushes as fast as it can:
-# the per-address, total and message-rate limits would refuse the load being measured.
 [limits]
+# All 10,001 connections come from 127.0.0.1, and the publishing client pushes
+# far faster than a person: no per-address or per-connection limits.
 max_connections = 0
 max_connections_per_ip = 0
 message_rate = 0
+
+[admin]
+# No control socket: runs must not share one with another server on the box.
+socket = ""
+
+[[api.keys]]
+name = "bench"
+key = "{api_key}"
 
 [[topics]]
 pattern = "bench:*"
@@ -63,6 +71,7 @@ presence = false
 [log]
 level = "info"
 """
+API_KEY = "bench-api-key"
 
 LISTENING = re.compile(r"listening on https?://([0-9.]+):(\d+)")
 
@@ -144,6 +153,13 @@ def quick_scenarios() -> list[Scenario]:
             "lat1k",
             "quick: 20 subscribers x 20 broadcasts/s",
             "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2",
+            60,
+        ),
+        Scenario(
+            "api",
+            "quick: 20 subscribers x 20 broadcasts/s published with POST /api/broadcast",
+            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2 "
+            f"--publisher http --api-key {API_KEY}",
             60,
         ),
     ]
@@ -483,7 +499,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         "with `bench.toml`:",
         "",
         "```toml",
-        SERVER_CONFIG.rstrip(),
+        SERVER_CONFIG.format(api_key=API_KEY).rstrip(),
         "```",
         "",
         "## How the figures are taken",
@@ -560,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "bench.toml"
-        config_path.write_text(SERVER_CONFIG)
+        config_path.write_text(SERVER_CONFIG.format(api_key=API_KEY))
         for sc in scenarios:
             for run in range(1, opts.runs + 1):
                 print(f"{sc.name} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)

@@ -72,7 +72,7 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     )
     runs = {r["scenario"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
     assert proc.returncode == 0, proc.stderr
-    assert set(runs) == {"idle", "sat1k", "lat1k"}
+    assert set(runs) == {"idle", "sat1k", "lat1k", "api"}
 
     idle = runs["idle"]
     assert idle["error"] is None
@@ -84,6 +84,8 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
 
     _check_broadcast_run(runs["sat1k"], 20)
     _check_broadcast_run(runs["lat1k"], 20)
+    _check_broadcast_run(runs["api"], 20)
+    assert "publisher_notes" not in runs["api"]
     # 20 broadcasts/s over 0.5 s warm-up + 2 s measured.
     assert 50 <= runs["lat1k"]["broadcasts_sent"] <= 51
 
