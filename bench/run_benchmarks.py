@@ -245,11 +245,19 @@ class RunResult:
 class ServerProcess:
     """A server under test started on 127.0.0.1:0; knows its pid and port."""
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        cmd: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.cmd = cmd
         self.log_path = log_path
         self._log = open(log_path, "w+b")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
         try:
             self.port = self._wait_listening(timeout=20)
         except BaseException:
@@ -300,7 +308,15 @@ def server_command(target: str, config_path: Path) -> list[str]:
 
 def run_one(scenario: Scenario, run: int, opts, config_path: Path, out_dir: Path) -> RunResult:
     log_path = out_dir / f"{scenario.name}-{run}.server.log"
-    server = ServerProcess(server_command(opts.target, config_path), log_path)
+    env = None
+    if opts.core_path:
+        env = {**os.environ, "PYTHONPATH": str(opts.core_path)}
+    # Started from the config's directory: `python -m phxbroker` puts its working
+    # directory first on sys.path, where a checkout's own package would shadow
+    # the one meant to run.
+    server = ServerProcess(
+        server_command(opts.target, config_path), log_path, env, cwd=config_path.parent
+    )
     cmd = pinned(
         1,
         [
@@ -347,7 +363,7 @@ def median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(opts) -> dict[str, str]:
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -356,15 +372,7 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(_package_dir()), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = core_description(opts)
     return {
         "cores": str(os.cpu_count()),
         "cpu": model,
@@ -373,6 +381,42 @@ def machine_info() -> dict[str, str]:
         "phxbroker commit": commit or "unknown",
         "fd limit": str(_fd_limit()),
     }
+
+
+def _git(repo: Path, *args: str) -> str:
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"git {' '.join(args)} in {repo}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def core_description(opts) -> str:
+    """Which phxbroker code the runs used, as the report should name it."""
+    if opts.target != "phxbroker":
+        return "not used"
+    if opts.core_commit:
+        return f"{opts.core_commit} (a snapshot of that commit)"
+    try:
+        repo = _package_dir().parent
+        head = _git(repo, "rev-parse", "--short", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "phxbroker")
+    except (OSError, RuntimeError):
+        return "unknown"
+    return f"{head}" + (" plus uncommitted changes" if dirty else "")
+
+
+def snapshot_core(rev: str, into: Path) -> str:
+    """Export the phxbroker package at `rev` into `into`; return the short commit id.
+
+    Runs then use that commit even while the working tree changes under them.
+    """
+    repo = _package_dir().parent
+    commit = _git(repo, "rev-parse", "--short", "--verify", f"{rev}^{{commit}}")
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", commit, "phxbroker"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return commit
 
 
 def _package_dir() -> Path:
@@ -403,7 +447,7 @@ def _fmt(value, unit: str = "") -> str:
 
 
 def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: str) -> str:
-    info = machine_info()
+    info = machine_info(opts)
     by_name: dict[str, list[RunResult]] = {}
     for r in runs:
         by_name.setdefault(r.scenario, []).append(r)
@@ -491,6 +535,8 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         cmd = re.sub(r"--port \d+ --server-pid \d+", "--port PORT --server-pid PID", cmd)
         lines += [f"- **{sc.name}**: {sc.title}", "", f"      {cmd}", ""]
     server_cmd = " ".join(shlex.quote(a) for a in server_command(opts.target, Path("bench.toml")))
+    if opts.core_commit and opts.target == "phxbroker":
+        server_cmd = f"PYTHONPATH=<git archive {opts.core_commit} phxbroker> {server_cmd}"
     lines += [
         "Server, started fresh for every run:",
         "",
@@ -545,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the report (default BENCHMARKS.md; quick: none)",
     )
     p.add_argument("--note", default="", help="a line to put at the top of the report")
+    p.add_argument(
+        "--core-commit",
+        metavar="REV",
+        help="run the phxbroker package as of this commit of its repository (e.g. HEAD) "
+        "instead of the installed working tree",
+    )
     p.add_argument("--json", action="store_true", help="print every run's JSON line")
     p.add_argument(
         "--max-others",
@@ -575,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
+        opts.core_path = None
+        if opts.core_commit and opts.target == "phxbroker":
+            opts.core_path = Path(tmp) / "core"
+            opts.core_path.mkdir()
+            try:
+                opts.core_commit = snapshot_core(opts.core_commit, opts.core_path)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                print(f"run_benchmarks: cannot take --core-commit: {exc}", file=sys.stderr)
+                return 2
         config_path = Path(tmp) / "bench.toml"
         config_path.write_text(SERVER_CONFIG.format(api_key=API_KEY))
         for sc in scenarios:
