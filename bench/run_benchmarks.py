@@ -446,6 +446,18 @@ def _fmt(value, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _shown(cmd: list[str]) -> str:
+    """A command as a reader would type it from the repository root."""
+    words = []
+    for word in cmd:
+        if word == sys.executable:
+            word = "python"
+        elif word.startswith(str(REPO_DIR) + "/"):
+            word = word[len(str(REPO_DIR)) + 1 :]
+        words.append(shlex.quote(word))
+    return " ".join(words)
+
+
 def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: str) -> str:
     info = machine_info(opts)
     by_name: dict[str, list[RunResult]] = {}
@@ -531,10 +543,10 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         rs = by_name.get(sc.name)
         if not rs:
             continue
-        cmd = " ".join(shlex.quote(a) for a in rs[0].loadgen_cmd)
+        cmd = _shown(rs[0].loadgen_cmd)
         cmd = re.sub(r"--port \d+ --server-pid \d+", "--port PORT --server-pid PID", cmd)
         lines += [f"- **{sc.name}**: {sc.title}", "", f"      {cmd}", ""]
-    server_cmd = " ".join(shlex.quote(a) for a in server_command(opts.target, Path("bench.toml")))
+    server_cmd = _shown(server_command(opts.target, Path("bench.toml")))
     if opts.core_commit and opts.target == "phxbroker":
         server_cmd = f"PYTHONPATH=<git archive {opts.core_commit} phxbroker> {server_cmd}"
     lines += [
