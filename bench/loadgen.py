@@ -1,0 +1,938 @@
+#!/usr/bin/env python3
+"""Load generator for a Phoenix Channels server (V2 JSON serializer over WebSocket).
+
+Opens N websocket connections to 127.0.0.1, joins them all to one topic, then
+either holds them idle (heartbeats only) or publishes broadcasts at a fixed rate
+or as fast as the server delivers them (a closed loop with W broadcasts in
+flight). Prints one JSON line with the results.
+
+Cheap by construction, so the server and not the generator is what is measured:
+one epoll loop, 256 KiB reads into one shared buffer, and subscribers that only
+walk frame headers (no JSON). A sample of probe subscribers parse every frame to
+time each broadcast (payload carries `seq` and `t`, the send time in µs).
+Counting subscribers are read at most once per --read-interval so that each read
+drains several frames; the probes, which time latency, are read at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import errno
+import gc
+import json
+import math
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import h11
+import orjson
+from procstat import Meter, process_cpu_seconds, process_rss_kib
+from wsframes import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ClientHandshake,
+    FrameCounter,
+    FrameParser,
+    HandshakeError,
+    encode_client_frame,
+)
+
+CONNECTING, HANDSHAKE, JOINING, JOINED, DEAD = range(5)
+SUB, PROBE, PUB, HTTP = "sub", "probe", "pub", "http"
+
+READ_SIZE = 256 * 1024
+PROBE_READ_SIZE = 16 * 1024  # bounds the JSON parsing one probe event can cost
+PASS_BUDGET = 0.0005
+# A read costs ~10 µs whether it drains one frame or a hundred, so counting
+# subscribers are read at a rate that stays cheap for any N.
+READS_PER_S = 20_000
+JOIN_REF = "1"
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def clock() -> float:
+    return time.monotonic()
+
+
+thread_time = time.thread_time
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class Conn:
+    """One websocket connection and where it is in its life."""
+
+    __slots__ = (
+        "count",
+        "counter",
+        "fd",
+        "handshake",
+        "hb_ref",
+        "index",
+        "kind",
+        "last_seq",
+        "out",
+        "parser",
+        "sock",
+        "started",
+        "state",
+        "want_out",
+    )
+
+    def __init__(self, index: int, kind: str) -> None:
+        self.index = index
+        self.kind = kind
+        self.state = CONNECTING
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.handshake: ClientHandshake | None = None
+        self.parser: FrameParser | None = FrameParser()
+        self.counter: FrameCounter | None = None
+        self.out = b""
+        self.hb_ref = 1
+        self.count = 0
+        self.last_seq = -1
+        self.started = 0.0
+        self.want_out = False
+
+
+class Stop(Exception):
+    """The run cannot go on (e.g. the server went away); the results so far stand."""
+
+
+class LoadGenerator:
+    """Runs one bounded load scenario and collects its figures."""
+
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.o = opts
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+        self.hb_queue: collections.deque[tuple[float, Conn]] = collections.deque()
+        self.rearm_queue: collections.deque[tuple[float, Conn]] = collections.deque()
+        self.ready: collections.deque[Conn] = collections.deque()
+        self.pending: set[Conn] = set()
+        self.subs: list[Conn] = []
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.close_codes: collections.Counter[str] = collections.Counter()
+        self.joined = 0
+        self.dropped = 0
+        self.hb_sent = 0
+        self.hb_acked_parsed = 0
+        self.received = 0
+        self.seq_gaps = 0
+        self.other_frames = 0
+        self.pub_notes: collections.Counter[str] = collections.Counter()
+        self.sent = 0
+        self.latencies_us: list[int] = []
+        self.measure_from_seq = math.inf
+        self.count_at = [0]
+        self.min_count = 0
+        target = opts.path + "?" + urlencode([*opts.param, ("vsn", "2.0.0")])
+        self.target = target
+        self.host_header = f"{opts.host}:{opts.port}"
+        self.pub: Conn | None = None
+        self.http = None
+        self.pad = b""
+        self.read_interval = 0.0
+        self.max_pass = 0.0
+        self.max_pass_cpu = 0.0
+
+    # ---------------------------------------------------------------- event loop
+
+    def loop_until(self, done, deadline: float) -> bool:
+        """Run the event loop until `done()` is true (-> True) or `deadline` (-> False)."""
+        ep_poll = self.ep.poll
+        conns = self.conns
+        ready = self.ready
+        polled_at = clock()
+        polled_cpu = thread_time()
+        while True:
+            if done():
+                return True
+            now = clock()
+            if now >= deadline:
+                return False
+            next_t = self.run_timers(now)
+            timeout = 0 if ready else max(0.0, min(next_t, deadline) - now)
+            # How long one pass kept the loop from polling bounds what the
+            # generator itself can add to any latency sample.
+            busy = clock() - polled_at
+            if busy > self.max_pass:
+                self.max_pass = busy
+            busy_cpu = thread_time() - polled_cpu
+            if busy_cpu > self.max_pass_cpu:
+                self.max_pass_cpu = busy_cpu
+            events = ep_poll(timeout, 1024)
+            polled_at = clock()
+            polled_cpu = thread_time()
+            for fd, ev in events:
+                c = conns.get(fd)
+                if c is None:
+                    continue
+                if c.state == JOINED and c.kind == SUB:
+                    ready.append(c)
+                else:
+                    self.on_event(c, ev)
+            # Counting reads get half a millisecond per pass (one 256 KiB read
+            # is ~2,000 frames), then the probes are polled again.
+            until = polled_at + PASS_BUDGET
+            while ready:
+                self.read_sub(ready.popleft())
+                if clock() > until:
+                    break
+
+    def run_timers(self, now: float) -> float:
+        """Fire due timers; return when the next one is due."""
+        # Bounded batches keep every pass short, so probes are read promptly
+        # even when thousands of timers fall due together.
+        next_t = now + 0.5
+        hbq = self.hb_queue
+        budget = 32
+        while hbq and hbq[0][0] <= now and budget:
+            budget -= 1
+            _, c = hbq.popleft()
+            if c.state == JOINED:
+                self.send_heartbeat(c)
+                hbq.append((now + self.o.heartbeat_interval, c))
+        if hbq:
+            next_t = min(next_t, hbq[0][0])
+        rq = self.rearm_queue
+        modify = self.ep.modify
+        budget = 256
+        while rq and rq[0][0] <= now and budget:
+            budget -= 1
+            _, c = rq.popleft()
+            if c.state == JOINED:
+                modify(c.fd, ONESHOT)
+        if rq:
+            next_t = min(next_t, rq[0][0])
+        return min(next_t, self.tick(now))
+
+    def tick(self, now: float) -> float:
+        """Per-phase periodic work (connecting, publishing); return when next needed."""
+        return now + 0.5
+
+    # ---------------------------------------------------------------- connections
+
+    def start_connect(self, c: Conn) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sock = s
+        c.fd = s.fileno()
+        c.started = clock()
+        self.conns[c.fd] = c
+        self.pending.add(c)
+        err = s.connect_ex((self.o.host, self.o.port))
+        if err not in (0, errno.EINPROGRESS):
+            self.fail(c, f"connect: {os.strerror(err)}")
+            return
+        self.ep.register(c.fd, EPOLLOUT)
+
+    def fail(self, c: Conn, reason: str) -> None:
+        self.failures[reason] += 1
+        self.kill(c, reason)
+
+    def kill(self, c: Conn, why: str = "") -> None:
+        """Forget a connection; a joined one counts as dropped."""
+        if c.state == DEAD:
+            return
+        if c.state == JOINED:
+            self.dropped += 1
+            if c.kind != PUB:
+                self.leave_tracking(c)
+        c.state = DEAD
+        self.pending.discard(c)
+        if c.sock is not None:
+            self.conns.pop(c.fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(c.fd)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            c.sock.close()
+        if c is self.pub:
+            raise Stop(f"the publishing connection was closed: {why}")
+
+    def on_event(self, c: Conn, ev: int) -> None:
+        if c.kind == HTTP:
+            c.on_readable()
+            return
+        if c.state == CONNECTING:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(c, f"connect: {os.strerror(err)}")
+                return
+            c.handshake = ClientHandshake(self.host_header, self.target, self.o.subprotocol)
+            c.state = HANDSHAKE
+            self.ep.modify(c.fd, EPOLLIN)
+            self.write(c, c.handshake.request)
+            return
+        if ev & EPOLLOUT and c.out:
+            self.write(c, b"")
+        if not ev & (EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            return
+        n = self.recv(c, PROBE_READ_SIZE if c.state == JOINED else 0)
+        if n <= 0:
+            return
+        data = self.view[:n]
+        if c.state == HANDSHAKE:
+            try:
+                rest = c.handshake.receive(bytes(data))
+            except HandshakeError as exc:
+                self.fail(c, f"upgrade: {exc}")
+                return
+            if rest is None:
+                return
+            c.handshake = None
+            c.state = JOINING
+            self.send_text(c, orjson.dumps([JOIN_REF, JOIN_REF, self.o.topic, "phx_join", {}]))
+            data = rest
+        self.on_frames(c, c.parser.feed(data))
+
+    def recv(self, c: Conn, size: int = 0) -> int:
+        """Read what is there into the shared buffer; 0 or less when there is nothing."""
+        try:
+            n = c.sock.recv_into(self.buf, size)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            self.note_close(c, type(exc).__name__)
+            return -1
+        if n == 0:
+            self.note_close(c, "eof")
+        return n
+
+    def note_close(self, c: Conn, why: str) -> None:
+        if c.state == JOINED:
+            self.close_codes[why] += 1
+            self.kill(c, why)
+        else:
+            self.fail(c, f"closed while {('connecting', 'upgrading', 'joining')[c.state]}: {why}")
+
+    def on_frames(self, c: Conn, frames: list[tuple[int, bytes]]) -> None:
+        for opcode, payload in frames:
+            if opcode == OP_TEXT:
+                try:
+                    msg = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    self.other_frames += 1
+                    continue
+                if c.state == JOINING:
+                    self.on_join_reply(c, msg)
+                else:
+                    self.on_message(c, msg)
+            elif opcode == OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.note_close(c, f"close {code}")
+                return
+            elif opcode == OP_PING:
+                self.write(c, encode_client_frame(payload, OP_PONG))
+            else:
+                self.other_frames += 1
+            if c.state == DEAD:
+                return
+        if c.kind == SUB and c.state == JOINED:
+            self.to_counting(c)
+
+    def on_join_reply(self, c: Conn, msg) -> None:
+        if not (isinstance(msg, list) and len(msg) == 5 and msg[3] == "phx_reply"):
+            self.other_frames += 1
+            return
+        reply = msg[4] if isinstance(msg[4], dict) else {}
+        if reply.get("status") != "ok":
+            reason = (reply.get("response") or {}).get("reason", reply.get("status"))
+            self.fail(c, f"join refused: {reason}")
+            return
+        c.state = JOINED
+        self.pending.discard(c)
+        self.joined += c.kind != PUB
+        self.hb_queue.append((clock() + self.o.heartbeat_interval, c))
+        if c.kind == PUB:
+            return
+        self.subs.append(c)
+        self.count_at[0] += 1
+
+    def to_counting(self, c: Conn) -> None:
+        """From here on only frame headers are walked; hand over what already arrived."""
+        rest = c.parser.take_rest()
+        c.parser = None
+        c.counter = FrameCounter()
+        self.ep.modify(c.fd, ONESHOT)
+        if rest:
+            k = c.counter.feed(rest, len(rest))
+            if k:
+                self.account(c, k)
+
+    def on_message(self, c: Conn, msg) -> None:
+        """A parsed frame on a joined probe or on the publisher."""
+        if not (isinstance(msg, list) and len(msg) == 5):
+            self.other_frames += 1
+            return
+        join_ref, ref, _topic, event, payload = msg
+        if join_ref is None and ref is None and event == self.o.event:
+            if c.kind == PUB:
+                self.pub_notes["own broadcast received"] += 1
+                return
+            if c.kind == PROBE:
+                seq = payload.get("seq", -1)
+                if seq != c.last_seq + 1:
+                    self.seq_gaps += 1
+                c.last_seq = seq
+                if seq >= self.measure_from_seq:
+                    self.latencies_us.append(now_us() - payload["t"])
+            self.account(c, 1)
+        elif event == "phx_reply" and ref is not None and _topic == "phoenix":
+            self.hb_acked_parsed += 1
+        elif c.kind == PUB:
+            self.pub_notes[f"{event}: {orjson.dumps(payload).decode()[:120]}"] += 1
+        else:
+            self.other_frames += 1
+
+    def read_sub(self, c: Conn) -> None:
+        """Drain a counting subscriber and re-arm it after the read interval."""
+        if c.state != JOINED:
+            return
+        n = self.recv(c)
+        if n > 0:
+            counter = c.counter
+            k = counter.feed(self.buf, n)
+            if k:
+                self.account(c, k)
+            if counter.pings:
+                for body in counter.pings:
+                    self.write(c, encode_client_frame(body, OP_PONG))
+                counter.pings.clear()
+            if counter.closed:
+                self.note_close(c, f"close {counter.close_code}")
+                return
+        elif c.state != JOINED:
+            return
+        if c.out:
+            self.write(c, b"")
+        if n == READ_SIZE or self.read_interval <= 0:
+            self.ep.modify(c.fd, ONESHOT)
+        else:
+            self.rearm_queue.append((clock() + self.read_interval, c))
+
+    def account(self, c: Conn, k: int) -> None:
+        """Record k more broadcasts delivered to subscriber c; track the slowest one."""
+        old = c.count
+        new = old + k
+        c.count = new
+        self.received += k
+        count_at = self.count_at
+        if new >= len(count_at):
+            count_at.extend([0] * (new + 1 - len(count_at)))
+        count_at[old] -= 1
+        count_at[new] += 1
+        if old == self.min_count:
+            self.advance_min()
+
+    def leave_tracking(self, c: Conn) -> None:
+        self.count_at[c.count] -= 1
+        self.advance_min()
+
+    def advance_min(self) -> None:
+        m = self.min_count
+        count_at = self.count_at
+        top = len(count_at) - 1
+        while m < top and count_at[m] == 0:
+            m += 1
+        self.min_count = m
+
+    def write(self, c: Conn, data: bytes) -> None:
+        """Send now what the socket takes; keep the rest for when it is writable."""
+        data = c.out + data if c.out else data
+        try:
+            sent = c.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.note_close(c, type(exc).__name__)
+            return
+        c.out = data[sent:]
+        if c.kind == SUB and c.state == JOINED:
+            return  # one-shot registration: retried on its next read or heartbeat
+        if bool(c.out) != c.want_out:
+            c.want_out = bool(c.out)
+            self.ep.modify(c.fd, EPOLLIN | EPOLLOUT if c.out else EPOLLIN)
+
+    def send_text(self, c: Conn, payload: bytes) -> None:
+        self.write(c, encode_client_frame(payload))
+
+    def send_heartbeat(self, c: Conn) -> None:
+        c.hb_ref += 1
+        self.hb_sent += 1
+        self.send_text(c, b'[null,"%d","phoenix","heartbeat",{}]' % c.hb_ref)
+
+    # ---------------------------------------------------------------- publishing
+
+    def publish(self) -> None:
+        """Send broadcast number `self.sent` through the configured path."""
+        seq = self.sent
+        t = now_us()
+        payload = b'{"seq":%d,"t":%d,"pad":"%s"}' % (seq, t, self.pad)
+        if self.http is not None:
+            self.http.post(payload)
+        else:
+            self.pub.hb_ref += 1
+            self.send_text(
+                self.pub,
+                b'["%s","%d",%s,%s,%s]'
+                % (
+                    JOIN_REF.encode(),
+                    self.pub.hb_ref,
+                    orjson.dumps(self.o.topic),
+                    orjson.dumps(self.o.event),
+                    payload,
+                ),
+            )
+        self.sent += 1
+
+    # ---------------------------------------------------------------- phases
+
+    def connect_all(self) -> dict:
+        """Open, upgrade and join every subscriber; measure the cost of doing so."""
+        o = self.o
+        n = o.connections
+        probes = min(o.probes, n)
+        probe_at = {round((j + 1) * n / probes) - 1 for j in range(probes)} if probes else set()
+        todo = collections.deque(Conn(i, PROBE if i in probe_at else SUB) for i in range(n))
+        typical = b'{"seq":100000,"t":1000000000000,"pad":""}'
+        self.pad = b"x" * max(0, o.payload_bytes - len(typical))
+
+        if o.publisher == "relay":
+            self.pub = Conn(-1, PUB)
+            self.start_connect(self.pub)
+            if not self.loop_until(
+                lambda: self.pub.state in (JOINED, DEAD), clock() + o.join_timeout
+            ):
+                raise Stop("the publishing connection did not join in time")
+            if self.pub.state != JOINED:
+                raise Stop(f"the publishing connection failed: {dict(self.failures)}")
+        elif o.publisher == "http":
+            self.http = HttpPublisher(self, o.http_connections)
+
+        rss0 = process_rss_kib(o.server_pid) if o.server_pid else None
+        meter = Meter(clock, o.server_pid)
+        deadline = clock() + o.connect_timeout
+        last_sweep = [clock()]
+
+        def tick(now: float) -> float:
+            while todo and len(self.pending) < o.connect_concurrency:
+                self.start_connect(todo.popleft())
+            if now - last_sweep[0] > 0.5:
+                last_sweep[0] = now
+                for c in [c for c in self.pending if now - c.started > o.join_timeout]:
+                    self.fail(c, "join timeout")
+            return now + 0.05 if todo else now + 0.5
+
+        self.tick = tick
+        self.loop_until(lambda: not todo and not self.pending, deadline)
+        m = meter.stop()
+        for c in list(self.pending) + list(todo):
+            self.fail(c, "connect phase timed out")
+        todo.clear()
+        del self.tick
+        rss1 = process_rss_kib(o.server_pid) if o.server_pid else None
+        joined = self.joined
+        return {
+            "connections": n,
+            "probes": probes,
+            "connected": joined,
+            "connect_failures": sum(self.failures.values()),
+            "failure_reasons": dict(self.failures),
+            "join_seconds": round(m["wall"], 3),
+            "join_rate": round(joined / m["wall"], 1) if m["wall"] > 0 else None,
+            "server_cpu_join_s": _round(m["server_cpu_s"], 3),
+            # utime+stime tick every 10 ms: below 0.1 s the quotient would be noise.
+            "server_cpu_per_join_us": round(m["server_cpu_s"] / joined * 1e6, 1)
+            if joined and m["server_cpu_s"] is not None and m["server_cpu_s"] >= 0.1
+            else None,
+            "gen_cpu_join": round(m["gen_cpu_s"] / m["wall"], 3) if m["wall"] > 0 else None,
+            "rss_before_kib": rss0,
+            "rss_after_kib": rss1,
+            "rss_per_conn_kib": round((rss1 - rss0) / joined, 2) if joined and rss0 else None,
+        }
+
+    def hold(self, seconds: float) -> dict:
+        """Keep every connection idle but for heartbeats; count what drops."""
+        meter = Meter(clock, self.o.server_pid)
+        self.max_pass = 0.0
+        self.max_pass_cpu = 0.0
+        self.loop_until(lambda: False, clock() + seconds)
+        m = meter.stop()
+        return {
+            "hold_seconds": round(m["wall"], 3),
+            "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
+            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
+            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
+            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "gen_max_pass_ms": round(self.max_pass * 1000, 3),
+            "gen_max_pass_cpu_ms": round(self.max_pass_cpu * 1000, 3),
+            "rss_end_kib": process_rss_kib(self.o.server_pid) if self.o.server_pid else None,
+        }
+
+    def broadcast(self) -> dict:
+        """Publish for warmup + duration seconds (fixed rate or saturating), then drain."""
+        o = self.o
+        saturate = o.mode == "saturate"
+        nsubs = len(self.subs)
+        if nsubs == 0:
+            raise Stop("no subscriber joined")
+        self.read_interval = o.read_interval
+        limit = o.max_broadcasts
+        t_start = clock()
+        measure_at = t_start + o.warmup
+        stop_at = measure_at + o.duration
+        state = {"measuring": False, "meter": None, "recv0": 0, "sent0": 0}
+
+        def begin_measure(now: float) -> None:
+            state["measuring"] = True
+            state["meter"] = Meter(clock, o.server_pid)
+            state["recv0"] = self.received
+            state["sent0"] = self.sent
+            self.measure_from_seq = self.sent
+            self.max_pass = 0.0
+            self.max_pass_cpu = 0.0
+
+        def tick(now: float) -> float:
+            if not state["measuring"] and now >= measure_at:
+                begin_measure(now)
+            if saturate:
+                while self.sent < limit and self.sent - self.min_count < o.window:
+                    self.publish()
+                return min(now + 0.05, measure_at if not state["measuring"] else stop_at)
+            due = t_start + self.sent / o.rate
+            while due <= now and self.sent < limit:
+                self.publish()
+                due = t_start + self.sent / o.rate
+            return due
+
+        # tick runs on every loop pass, so the window is topped up as soon as
+        # a read completes a broadcast.
+        self.tick = tick
+        if o.warmup <= 0:
+            begin_measure(clock())
+        self.loop_until(lambda: False, stop_at)
+        if not state["measuring"]:
+            begin_measure(clock())
+        m = state["meter"].stop()
+        max_pass, max_pass_cpu = self.max_pass, self.max_pass_cpu
+        recv_window = self.received - state["recv0"]
+        sent_window = self.sent - state["sent0"]
+        del self.tick
+        # Everything sent must arrive; wait for it (read promptly now) within a bound.
+        self.read_interval = 0.0
+        expected = self.sent * nsubs
+        self.loop_until(lambda: self.received >= expected, clock() + o.drain_timeout)
+        lat = sorted(self.latencies_us)
+        return {
+            "window": o.window if saturate else None,
+            "read_interval_s": o.read_interval,
+            "rate": None if saturate else o.rate,
+            "duration_s": round(m["wall"], 3),
+            "broadcasts_sent": self.sent,
+            "broadcasts_in_window": sent_window,
+            "deliveries_expected": expected,
+            "deliveries_received": self.received,
+            "deliveries_lost": expected - self.received,
+            "deliveries_per_s": round(recv_window / m["wall"], 1),
+            "seq_gaps": self.seq_gaps,
+            "latency_samples": len(lat),
+            "latency_p50_ms": _pct(lat, 0.50),
+            "latency_p99_ms": _pct(lat, 0.99),
+            "latency_max_ms": round(lat[-1] / 1000, 3) if lat else None,
+            "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
+            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
+            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
+            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "gen_max_pass_ms": round(max_pass * 1000, 3),
+            "gen_max_pass_cpu_ms": round(max_pass_cpu * 1000, 3),
+        }
+
+    def run(self) -> dict:
+        o = self.o
+        result: dict = {"mode": o.mode, "publisher": o.publisher, "topic": o.topic}
+        t0 = clock()
+        error = None
+        try:
+            result.update(self.connect_all())
+            # Nothing in the hot path makes reference cycles; a full collection
+            # over 10,000 connections would stall the loop for tens of ms.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            if o.mode == "idle":
+                result.update(self.hold(o.hold))
+            else:
+                result.update(self.broadcast())
+        except Stop as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        result["dropped"] = self.dropped
+        result["close_codes"] = dict(self.close_codes)
+        result["heartbeats_sent"] = self.hb_sent
+        result["heartbeats_acked"] = self.hb_acked_parsed + sum(
+            c.counter.heartbeat_replies for c in self.subs if c.counter
+        )
+        result["other_frames"] = self.other_frames + sum(
+            c.counter.others for c in self.subs if c.counter
+        )
+        if self.pub_notes:
+            result["publisher_notes"] = dict(self.pub_notes)
+        gc.enable()
+        result["wall_seconds"] = round(clock() - t0, 3)
+        result["error"] = error
+        self.close_all()
+        return result
+
+    def close_all(self) -> None:
+        # An abortive close leaves no TIME_WAIT behind, so back-to-back runs of
+        # 10,000 connections do not run out of ephemeral ports.
+        for c in list(self.conns.values()):
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            c.sock.close()
+        self.conns.clear()
+        self.ep.close()
+
+
+class HttpPublisher:
+    """Publishes through `POST /api/broadcast` on a few keep-alive HTTP connections."""
+
+    def __init__(self, gen: LoadGenerator, connections: int) -> None:
+        self.gen = gen
+        self.idle: list[_HttpConn] = []
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.errors: collections.Counter[str] = gen.pub_notes
+        for _ in range(connections):
+            hc = _HttpConn(self)
+            self.idle.append(hc)
+
+    def post(self, payload: bytes) -> None:
+        o = self.gen.o
+        body = b'{"topic":%s,"event":%s,"payload":%s}' % (
+            orjson.dumps(o.topic),
+            orjson.dumps(o.event),
+            payload,
+        )
+        self.queue.append(body)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.queue and self.idle:
+            self.idle.pop().request(self.queue.popleft())
+
+
+class _HttpConn:
+    """One keep-alive HTTP/1.1 connection with at most one request in flight."""
+
+    def __init__(self, owner: HttpPublisher) -> None:
+        self.owner = owner
+        gen = owner.gen
+        self.sock = socket.create_connection((gen.o.host, gen.o.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.fd = self.sock.fileno()
+        self.state = JOINED
+        self.kind = HTTP
+        gen.conns[self.fd] = self
+        gen.ep.register(self.fd, EPOLLIN)
+
+    def request(self, body: bytes) -> None:
+        o = self.owner.gen.o
+        headers = [
+            ("Host", self.owner.gen.host_header),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+        ]
+        if o.api_key:
+            headers.append(("Authorization", f"Bearer {o.api_key}"))
+        data = self.h11.send(h11.Request(method="POST", target="/api/broadcast", headers=headers))
+        data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+        self.sock.sendall(data)
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            raise Stop("the HTTP API closed its connection")
+        self.h11.receive_data(data)
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Response) and event.status_code >= 300:
+                self.owner.errors[f"HTTP {event.status_code}"] += 1
+            if isinstance(event, h11.EndOfMessage):
+                self.h11.start_next_cycle()
+                self.owner.idle.append(self)
+                self.owner.pump()
+                return
+
+
+def _pct(sorted_us: list[int], q: float) -> float | None:
+    if not sorted_us:
+        return None
+    i = min(len(sorted_us) - 1, max(0, math.ceil(q * len(sorted_us)) - 1))
+    return round(sorted_us[i] / 1000, 3)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ratio(num: float | None, den: float) -> float | None:
+    return round(num / den, 3) if num is not None and den > 0 else None
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        new = min(hard, max(needed, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < needed:
+            raise SystemExit(
+                f"loadgen: {needed} file descriptors needed, the limit is {hard} (ulimit -n)."
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--port", type=int, required=True, help="server port on 127.0.0.1")
+    p.add_argument("--server-pid", type=int, help="pid to read CPU and RSS from (/proc)")
+    p.add_argument("--mode", choices=["idle", "rate", "saturate"], default="saturate")
+    p.add_argument("-n", "--connections", type=int, default=100, help="subscribers to join")
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=50,
+        help="subscribers that parse every frame to time it (spread evenly)",
+    )
+    p.add_argument("--topic", default="bench:fan")
+    p.add_argument("--event", default="bench", help="relayed event name")
+    p.add_argument("--path", default="/socket/websocket")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=_kv,
+        metavar="KEY=VALUE",
+        help="connect param (repeatable)",
+    )
+    p.add_argument("--subprotocol", action="append", help="Sec-WebSocket-Protocol to offer")
+    p.add_argument(
+        "--publisher",
+        choices=["relay", "http"],
+        default="relay",
+        help="relay: a joined client pushes the relayed event; http: POST /api/broadcast",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PHXBROKER_API_KEY"),
+        help="bearer key for --publisher http (env PHXBROKER_API_KEY)",
+    )
+    p.add_argument(
+        "--http-connections",
+        type=int,
+        default=1,
+        help="keep-alive connections for --publisher http; above 1 broadcasts may "
+        "arrive out of order, which shows up in seq_gaps",
+    )
+    p.add_argument("--rate", type=float, default=20.0, help="broadcasts/s in rate mode")
+    p.add_argument("--window", type=int, default=64, help="broadcasts in flight in saturate mode")
+    p.add_argument("--payload-bytes", type=int, default=100)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--hold", type=float, default=60.0, help="idle mode: seconds to hold")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for in-flight deliveries after the last send",
+    )
+    p.add_argument("--max-broadcasts", type=int, default=2_000_000)
+    p.add_argument(
+        "--read-interval",
+        type=float,
+        default=None,
+        help="seconds between reads of one counting subscriber (default: connections / "
+        f"{READS_PER_S:,} s, within 2 ms..0.5 s, so counting costs at most ~{READS_PER_S:,} "
+        "reads/s whatever the number of subscribers)",
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=30.0)
+    p.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=256,
+        help="connections being opened/joined at once",
+    )
+    p.add_argument("--join-timeout", type=float, default=15.0)
+    p.add_argument(
+        "--connect-timeout", type=float, default=120.0, help="bound on the whole connect+join phase"
+    )
+    p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    o = p.parse_args(argv)
+    if o.host != "127.0.0.1":
+        p.error("the generator only talks to 127.0.0.1")
+    if o.read_interval is None:
+        o.read_interval = min(0.5, max(0.002, o.connections / READS_PER_S))
+    if o.publisher == "http" and not o.api_key:
+        p.error("--publisher http needs --api-key (or PHXBROKER_API_KEY)")
+    if o.connections < 1 or o.window < 1 or o.rate <= 0:
+        p.error("--connections, --window and --rate must be positive")
+    if o.mode == "rate":
+        o.max_broadcasts = min(o.max_broadcasts, math.ceil(o.rate * (o.warmup + o.duration)) + 1)
+    return o
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse_args(argv)
+    _raise_fd_limit(o.connections + o.http_connections + 64)
+    if o.server_pid:
+        try:
+            process_cpu_seconds(o.server_pid)
+        except OSError:
+            print(f"loadgen: no process {o.server_pid} to measure.", file=sys.stderr)
+            return 2
+    result = LoadGenerator(o).run()
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0 if result["error"] is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""Run phxbroker's standard benchmarks and write BENCHMARKS.md.
+
+    python bench/run_benchmarks.py                 # full set, 3 runs each, writes BENCHMARKS.md
+    python bench/run_benchmarks.py --quick         # a few clients for a few seconds, no file
+    python bench/run_benchmarks.py --only sat1k,lat1k --runs 1 --output /tmp/b.md
+
+Every run starts a fresh `phxbroker serve` (listening on 127.0.0.1:0, pinned to
+CPU 0 with taskset) and the load generator (pinned to CPU 1), collects the
+generator's JSON line, and stops the server with SIGTERM. Figures are the
+median over the runs; every run's raw line is kept in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+LOADGEN = BENCH_DIR / "loadgen.py"
+BLASTER = BENCH_DIR / "blaster.py"
+
+SERVER_CONFIG = """\
+# The benchmark's broker config: one relay topic, anyone may join, no presence
+# (a presence diff per join would be measured instead of the fan-out).
+[server]
+listen = "127.0.0.1:0"
+idle_timeout = 60
+# Saturating runs keep a window of broadcasts queued per subscriber.
+outbox_limit = 67_108_864
+
+[auth]
+allow_anonymous = true
+
+[limits]
+# All 10,001 connections come from 127.0.0.1, and the publishing client pushes
+# far faster than a person: no per-address or per-connection limits.
+max_connections = 0
+max_connections_per_ip = 0
+message_rate = 0
+
+[admin]
+# No control socket: runs must not share one with another server on the box.
+socket = ""
+
+[[api.keys]]
+name = "bench"
+key = "{api_key}"
+
+[[topics]]
+pattern = "bench:*"
+join = "anyone"
+relay = ["bench"]
+presence = false
+
+[log]
+level = "info"
+"""
+API_KEY = "bench-api-key"
+
+LISTENING = re.compile(r"listening on https?://([0-9.]+):(\d+)")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    loadgen_args: str
+    timeout: float
+
+    @property
+    def args(self) -> list[str]:
+        return shlex.split(self.loadgen_args)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One benchmark target: which scenario and JSON key it comes from, and the bound."""
+
+    label: str
+    target: str
+    scenario: str
+    key: str
+    check: object  # callable(value) -> bool
+    unit: str = ""
+
+
+def full_scenarios() -> list[Scenario]:
+    return [
+        Scenario(
+            "idle",
+            "10,000 joined connections held 60 s with heartbeats",
+            "--mode idle -n 10000 --hold 60 --probes 0",
+            240,
+        ),
+        Scenario(
+            "sat1k",
+            "saturated fan-out, 1,000 subscribers, 100-byte payload",
+            "--mode saturate -n 1000 --window 128 --warmup 3 --duration 10",
+            180,
+        ),
+        Scenario(
+            "sat5k",
+            "saturated fan-out, 5,000 subscribers, 100-byte payload",
+            "--mode saturate -n 5000 --window 32 --warmup 3 --duration 10",
+            240,
+        ),
+        Scenario(
+            "lat1k",
+            "latency, 1,000 subscribers x 20 broadcasts/s",
+            "--mode rate -n 1000 --rate 20 --probes 100 --warmup 2 --duration 20",
+            180,
+        ),
+        Scenario(
+            "lat5k",
+            "latency, 5,000 subscribers x 20 broadcasts/s",
+            "--mode rate -n 5000 --rate 20 --probes 100 --warmup 2 --duration 20",
+            240,
+        ),
+    ]
+
+
+def quick_scenarios() -> list[Scenario]:
+    return [
+        Scenario(
+            "idle",
+            "quick: 20 joined connections held 3 s, heartbeats every 1 s",
+            "--mode idle -n 20 --hold 3 --heartbeat-interval 1 --probes 2",
+            60,
+        ),
+        Scenario(
+            "sat1k",
+            "quick: saturated fan-out, 20 subscribers",
+            "--mode saturate -n 20 --probes 4 --window 64 --warmup 0.5 --duration 2",
+            60,
+        ),
+        Scenario(
+            "lat1k",
+            "quick: 20 subscribers x 20 broadcasts/s",
+            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2",
+            60,
+        ),
+        Scenario(
+            "api",
+            "quick: 20 subscribers x 20 broadcasts/s published with POST /api/broadcast",
+            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2 "
+            f"--publisher http --api-key {API_KEY}",
+            60,
+        ),
+    ]
+
+
+FIGURES = [
+    Figure(
+        "joined connections held 60 s, none dropped",
+        "10,000, 0 dropped",
+        "idle",
+        "held",
+        lambda v: v == 10000,
+    ),
+    Figure(
+        "RSS per joined idle connection",
+        "≤ 12 KiB",
+        "idle",
+        "rss_per_conn_kib",
+        lambda v: v <= 12,
+        " KiB",
+    ),
+    Figure(
+        "server CPU per connect + upgrade + join",
+        "≤ 300 µs",
+        "idle",
+        "server_cpu_per_join_us",
+        lambda v: v <= 300,
+        " µs",
+    ),
+    Figure(
+        "saturated fan-out, 1,000 subscribers",
+        "≥ 150,000 deliveries/s",
+        "sat1k",
+        "deliveries_per_s",
+        lambda v: v >= 150_000,
+        "/s",
+    ),
+    Figure(
+        "saturated fan-out, 5,000 subscribers",
+        "≥ 150,000 deliveries/s",
+        "sat5k",
+        "deliveries_per_s",
+        lambda v: v >= 150_000,
+        "/s",
+    ),
+    Figure(
+        "latency p99, 1,000 subscribers x 20/s",
+        "≤ 10 ms",
+        "lat1k",
+        "latency_p99_ms",
+        lambda v: v <= 10,
+        " ms",
+    ),
+    Figure(
+        "latency p99, 5,000 subscribers x 20/s",
+        "≤ 50 ms",
+        "lat5k",
+        "latency_p99_ms",
+        lambda v: v <= 50,
+        " ms",
+    ),
+    Figure(
+        "deliveries lost, 5,000 subscribers x 20/s",
+        "0",
+        "lat5k",
+        "deliveries_lost",
+        lambda v: v == 0,
+    ),
+]
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    run: int
+    result: dict
+    loadgen_cmd: list[str]
+    server_log: str = ""
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class ServerProcess:
+    """A server under test started on 127.0.0.1:0; knows its pid and port."""
+
+    def __init__(
+        self,
+        cmd: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.cmd = cmd
+        self.log_path = log_path
+        self._log = open(log_path, "w+b")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
+        try:
+            self.port = self._wait_listening(timeout=20)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = LISTENING.search(text)
+            if match:
+                return int(match.group(2))
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with code {self.proc.returncode} before listening: "
+                    f"{text.strip()[-500:]}"
+                )
+            time.sleep(0.05)
+        raise RuntimeError(f"the server printed no 'listening on' line within {timeout:g} s")
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def pinned(cpu: int, cmd: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
+        return ["taskset", "-c", str(cpu), *cmd]
+    return cmd
+
+
+def server_command(target: str, config_path: Path) -> list[str]:
+    if target == "blaster":
+        return pinned(0, [sys.executable, str(BLASTER)])
+    if target == "blaster-1frame":
+        return pinned(0, [sys.executable, str(BLASTER), "--frames-per-write", "1"])
+    return pinned(0, [sys.executable, "-m", "phxbroker", "serve", "--config", str(config_path)])
+
+
+def run_one(scenario: Scenario, run: int, opts, config_path: Path, out_dir: Path) -> RunResult:
+    log_path = out_dir / f"{scenario.name}-{run}.server.log"
+    env = None
+    if opts.core_path:
+        env = {**os.environ, "PYTHONPATH": str(opts.core_path)}
+    # Started from the config's directory: `python -m phxbroker` puts its working
+    # directory first on sys.path, where a checkout's own package would shadow
+    # the one meant to run.
+    server = ServerProcess(
+        server_command(opts.target, config_path), log_path, env, cwd=config_path.parent
+    )
+    cmd = pinned(
+        1,
+        [
+            sys.executable,
+            str(LOADGEN),
+            "--port",
+            str(server.port),
+            "--server-pid",
+            str(server.proc.pid),
+            *scenario.args,
+        ],
+    )
+    problems = []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scenario.timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(
+                f"the load generator printed no result (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-500:]}"
+            )
+        result = json.loads(lines[-1])
+    except subprocess.TimeoutExpired:
+        result = {"error": f"the load generator did not finish within {scenario.timeout:g} s"}
+    finally:
+        code = server.stop()
+    if code not in (0, None):
+        problems.append(f"server exited with code {code}")
+    if result.get("error"):
+        problems.append(result["error"])
+    held = result.get("connected", 0) - result.get("dropped", 0)
+    result["held"] = held if result.get("mode") == "idle" else None
+    (out_dir / f"{scenario.name}-{run}.json").write_text(json.dumps(result) + "\n")
+    return RunResult(scenario.name, run, result, cmd, str(log_path), problems)
+
+
+def _busy_box(r: RunResult, limit: float) -> bool:
+    others = r.result.get("others_cpu")
+    return others is not None and others > limit
+
+
+def median(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def machine_info(opts) -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = core_description(opts)
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "phxbroker commit": commit or "unknown",
+        "fd limit": str(_fd_limit()),
+    }
+
+
+def _git(repo: Path, *args: str) -> str:
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"git {' '.join(args)} in {repo}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def core_description(opts) -> str:
+    """Which phxbroker code the runs used, as the report should name it."""
+    if opts.target != "phxbroker":
+        return "not used"
+    if opts.core_commit:
+        return f"{opts.core_commit} (a snapshot of that commit)"
+    try:
+        repo = _package_dir().parent
+        head = _git(repo, "rev-parse", "--short", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "phxbroker")
+    except (OSError, RuntimeError):
+        return "unknown"
+    return f"{head}" + (" plus uncommitted changes" if dirty else "")
+
+
+def snapshot_core(rev: str, into: Path) -> str:
+    """Export the phxbroker package at `rev` into `into`; return the short commit id.
+
+    Runs then use that commit even while the working tree changes under them.
+    """
+    repo = _package_dir().parent
+    commit = _git(repo, "rev-parse", "--short", "--verify", f"{rev}^{{commit}}")
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", commit, "phxbroker"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return commit
+
+
+def _package_dir() -> Path:
+    try:
+        import phxbroker
+
+        return Path(phxbroker.__file__).resolve().parent
+    except ImportError:
+        return REPO_DIR
+
+
+def _fd_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}{unit}"
+        return f"{value:.3g}{unit}"
+    if isinstance(value, int):
+        return f"{value:,}{unit}"
+    return f"{value}{unit}"
+
+
+def _shown(cmd: list[str]) -> str:
+    """A command as a reader would type it from the repository root."""
+    words = []
+    for word in cmd:
+        if word == sys.executable:
+            word = "python"
+        elif word.startswith(str(REPO_DIR) + "/"):
+            word = word[len(str(REPO_DIR)) + 1 :]
+        words.append(shlex.quote(word))
+    return " ".join(words)
+
+
+def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: str) -> str:
+    info = machine_info(opts)
+    by_name: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_name.setdefault(r.scenario, []).append(r)
+    lines = ["# Benchmarks", ""]
+    if opts.note:
+        lines += [f"> {opts.note}", ""]
+    lines += [
+        f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} against "
+        f"{'phxbroker' if opts.target == 'phxbroker' else opts.target + ' (generator check)'}, "
+        f"{opts.runs} run(s) per scenario, medians shown.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "- server pinned to CPU 0, load generator to CPU 1 (taskset)",
+        "",
+        "## Results against the targets",
+        "",
+        "| figure | target | median | runs | met |",
+        "|---|---|---|---|---|",
+    ]
+    for fig in FIGURES:
+        rs = by_name.get(fig.scenario)
+        if not rs:
+            continue
+        values = [r.result.get(fig.key) for r in rs]
+        med = median(values)
+        met = "—" if med is None else ("yes" if fig.check(med) else "**no**")
+        lines.append(
+            f"| {fig.label} | {fig.target} | {_fmt(med, fig.unit)} | "
+            f"{', '.join(_fmt(v) for v in values)} | {met} |"
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "CPU columns are fractions of one core over the measured window: the server's "
+        "utime+stime, the busy time of the server's core (which also counts the kernel's "
+        "softirq work for its sends), the generator's own (a value near 1.0 would mean "
+        "the generator, not the server, was the limit) and everything else on the box "
+        "(other work sharing the machine). The longest generator loop pass bounds what "
+        "the generator can add to a latency sample; in parentheses the CPU it used, the "
+        "rest of the pass is preemption.",
+        "",
+        "| scenario | run | joined | join/s | srv µs/join | RSS KiB/conn | deliveries/s "
+        "| lost | p50 ms | p99 ms | max ms | srv CPU | srv core | gen CPU | others CPU "
+        "| gen max pass ms (CPU) "
+        "| dropped | problems, notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        d = r.result
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.scenario,
+                    str(r.run),
+                    _fmt(d.get("connected")),
+                    _fmt(d.get("join_rate")),
+                    _fmt(d.get("server_cpu_per_join_us")),
+                    _fmt(d.get("rss_per_conn_kib")),
+                    _fmt(d.get("deliveries_per_s")),
+                    _fmt(d.get("deliveries_lost")),
+                    _fmt(d.get("latency_p50_ms")),
+                    _fmt(d.get("latency_p99_ms")),
+                    _fmt(d.get("latency_max_ms")),
+                    _fmt(d.get("server_cpu")),
+                    _fmt(d.get("server_core_busy")),
+                    _fmt(d.get("gen_cpu")),
+                    _fmt(d.get("others_cpu")),
+                    f"{_fmt(d.get('gen_max_pass_ms'))} ({_fmt(d.get('gen_max_pass_cpu_ms'))})",
+                    _fmt(d.get("dropped")),
+                    "; ".join(r.problems + r.notes),
+                ]
+            )
+            + " |"
+        )
+    lines += ["", "## Scenarios and exact commands", "", f"    {invocation}", ""]
+    for sc in scenarios:
+        rs = by_name.get(sc.name)
+        if not rs:
+            continue
+        cmd = _shown(rs[0].loadgen_cmd)
+        cmd = re.sub(r"--port \d+ --server-pid \d+", "--port PORT --server-pid PID", cmd)
+        lines += [f"- **{sc.name}**: {sc.title}", "", f"      {cmd}", ""]
+    server_cmd = _shown(server_command(opts.target, Path("bench.toml")))
+    if opts.core_commit and opts.target == "phxbroker":
+        server_cmd = f"PYTHONPATH=<git archive {opts.core_commit} phxbroker> {server_cmd}"
+    lines += [
+        "Server, started fresh for every run:",
+        "",
+        f"    {server_cmd}",
+        "",
+        "with `bench.toml`:",
+        "",
+        "```toml",
+        SERVER_CONFIG.format(api_key=API_KEY).rstrip(),
+        "```",
+        "",
+        "## How the figures are taken",
+        "",
+        "- connections: websocket clients on 127.0.0.1 speaking the V2 JSON serializer "
+        "(`vsn=2.0.0`), all joined to one topic, heartbeat every 30 s.",
+        "- join cost: the server's utime+stime (/proc/PID/stat) across the whole "
+        "connect + upgrade + join phase, divided by the number joined; join/s is the "
+        "same phase's wall rate (256 joins in flight).",
+        "- RSS per connection: VmRSS after all joined minus VmRSS before the first "
+        "subscriber connected, divided by the number joined.",
+        "- broadcasts: one joined client pushes the relayed event; the payload is "
+        "~100 bytes and carries a sequence number and the send time.",
+        "- saturated fan-out: a closed loop keeps W broadcasts in flight; a broadcast "
+        "counts as complete once every subscriber has it. deliveries/s is what "
+        "subscribers received during the measured window (after a warm-up).",
+        "- deliveries are counted by walking websocket frame headers only; latency comes "
+        "from probe subscribers spread evenly over the join order that parse every "
+        "frame (receive time minus the send time in the payload).",
+        "- lost: broadcasts sent x subscribers minus deliveries received, after waiting "
+        "up to 10 s for stragglers.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny runs to check the harness")
+    p.add_argument("--runs", type=int, default=None, help="runs per scenario (3; quick: 1)")
+    p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument(
+        "--target",
+        choices=["phxbroker", "blaster", "blaster-1frame"],
+        default="phxbroker",
+        help="blaster: measure the generator's ceiling instead of the broker "
+        "(blaster-1frame: with one frame per write)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the report (default BENCHMARKS.md; quick: none)",
+    )
+    p.add_argument("--note", default="", help="a line to put at the top of the report")
+    p.add_argument(
+        "--core-commit",
+        metavar="REV",
+        help="run the phxbroker package as of this commit of its repository (e.g. HEAD) "
+        "instead of the installed working tree",
+    )
+    p.add_argument("--json", action="store_true", help="print every run's JSON line")
+    p.add_argument(
+        "--max-others",
+        type=float,
+        default=0.3,
+        help="a run during which other processes used more CPU (in cores) is repeated",
+    )
+    p.add_argument(
+        "--retries", type=int, default=None, help="repeats of a run on a busy box (2; quick: 0)"
+    )
+    opts = p.parse_args(argv)
+    opts.runs = opts.runs or (1 if opts.quick else 3)
+    if opts.retries is None:
+        opts.retries = 0 if opts.quick else 2
+    scenarios = quick_scenarios() if opts.quick else full_scenarios()
+    if opts.only:
+        wanted = set(opts.only.split(","))
+        unknown = wanted - {s.name for s in scenarios}
+        if unknown:
+            p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+        scenarios = [s for s in scenarios if s.name in wanted]
+    output = opts.output or (None if opts.quick else REPO_DIR / "BENCHMARKS.md")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = BENCH_DIR / "results" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    invocation = "python bench/run_benchmarks.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    runs: list[RunResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.core_path = None
+        if opts.core_commit and opts.target == "phxbroker":
+            opts.core_path = Path(tmp) / "core"
+            opts.core_path.mkdir()
+            try:
+                opts.core_commit = snapshot_core(opts.core_commit, opts.core_path)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                print(f"run_benchmarks: cannot take --core-commit: {exc}", file=sys.stderr)
+                return 2
+        config_path = Path(tmp) / "bench.toml"
+        config_path.write_text(SERVER_CONFIG.format(api_key=API_KEY))
+        for sc in scenarios:
+            for run in range(1, opts.runs + 1):
+                print(f"{sc.name} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)
+                try:
+                    r = run_one(sc, run, opts, config_path, out_dir)
+                    # The idle hold has no timing figure for other work to spoil.
+                    retries = 0 if sc.name == "idle" else opts.retries
+                    for _ in range(retries):
+                        if not _busy_box(r, opts.max_others):
+                            break
+                        print(
+                            f"  others used {r.result['others_cpu']} cores; again",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        time.sleep(5)
+                        r = run_one(sc, run, opts, config_path, out_dir)
+                except RuntimeError as exc:
+                    print(f"run_benchmarks: {sc.name}: {exc}", file=sys.stderr)
+                    return 1
+                if _busy_box(r, opts.max_others):
+                    r.notes.append(f"shared box: other work used {r.result['others_cpu']} cores")
+                runs.append(r)
+                if opts.json:
+                    print(json.dumps({"scenario": sc.name, "run": run, **r.result}), flush=True)
+                for problem in r.problems:
+                    print(f"  problem: {problem}", file=sys.stderr)
+    text = report(runs, scenarios, opts, invocation)
+    (out_dir / "BENCHMARKS.md").write_text(text)
+    if output:
+        output.write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
+    elif not opts.json:
+        print(text)
+    return 0 if all(not r.problems for r in runs) else 1
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print(
+            "run_benchmarks: interrupted; the server of the current run was stopped.",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
