@@ -13,7 +13,7 @@ import trio
 from phxbroker import __version__, cli_admin, cli_tokens, logs
 from phxbroker.cli_common import OneSentenceGroup, config_option, fail
 from phxbroker.config import ConfigError, load_config, parse_listen
-from phxbroker.server import Server, StartupError
+from phxbroker.server import Server, StartupError, tune_garbage_collector
 
 EXIT_BAD_CONFIG = 2  # also what click uses for bad usage; systemd shows it as INVALIDARGUMENT
 
@@ -45,6 +45,7 @@ def serve(config_path: Path, listen: str | None) -> None:
     log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
     server = Server(config, listen_override=listen_override)
     try:
+        tune_garbage_collector()
         trio.run(server.serve)
     except StartupError as exc:
         fail(str(exc))
