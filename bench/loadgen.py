@@ -479,6 +479,11 @@ class LoadGenerator:
     def send_text(self, c: Conn, payload: bytes) -> None:
         self.write(c, encode_client_frame(payload))
 
+    def heartbeats_acked(self) -> int:
+        return self.hb_acked_parsed + sum(
+            c.counter.heartbeat_replies for c in self.subs if c.counter
+        )
+
     def send_heartbeat(self, c: Conn) -> None:
         c.hb_ref += 1
         self.hb_sent += 1
@@ -581,6 +586,12 @@ class LoadGenerator:
         self.max_pass_cpu = 0.0
         self.loop_until(lambda: False, clock() + seconds)
         m = meter.stop()
+        # Heartbeats sent just before the end are still in flight: stop sending and give
+        # their replies a bounded time to arrive, so acked == sent means none went missing.
+        self.hb_queue.clear()
+        self.loop_until(
+            lambda: self.heartbeats_acked() >= self.hb_sent, clock() + self.o.drain_timeout
+        )
         return {
             "hold_seconds": round(m["wall"], 3),
             "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
@@ -693,9 +704,7 @@ class LoadGenerator:
         result["dropped"] = self.dropped
         result["close_codes"] = dict(self.close_codes)
         result["heartbeats_sent"] = self.hb_sent
-        result["heartbeats_acked"] = self.hb_acked_parsed + sum(
-            c.counter.heartbeat_replies for c in self.subs if c.counter
-        )
+        result["heartbeats_acked"] = self.heartbeats_acked()
         result["other_frames"] = self.other_frames + sum(
             c.counter.others for c in self.subs if c.counter
         )

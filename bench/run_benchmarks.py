@@ -231,6 +231,85 @@ FIGURES = [
 ]
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """One optimisation, measured by running the same scenarios with it taken out.
+
+    `patch` (in bench/ablations/) is applied to a copy of the package that is run; the
+    figures compared are (scenario, JSON key, label) triples.
+    """
+
+    name: str
+    optimisation: str
+    without: str
+    patch: str
+    figures: tuple[tuple[str, str, str], ...]
+
+    @property
+    def scenarios(self) -> list[str]:
+        return list(dict.fromkeys(scenario for scenario, _, _ in self.figures))
+
+
+ABLATIONS_DIR = BENCH_DIR / "ablations"
+SATURATED = (
+    ("sat1k", "deliveries_per_s", "deliveries/s, 1,000 subscribers"),
+    ("sat5k", "deliveries_per_s", "deliveries/s, 5,000 subscribers"),
+)
+ABLATIONS = [
+    Ablation(
+        "coalesced-writes",
+        "the frames queued for one connection in a batch leave in one send()",
+        "one send() per frame",
+        "one-send-per-frame.patch",
+        SATURATED,
+    ),
+    Ablation(
+        "encode-once",
+        "a broadcast is JSON-encoded and framed once; every subscriber gets the same bytes",
+        "encoded and framed again for each subscriber",
+        "encode-per-delivery.patch",
+        SATURATED,
+    ),
+    Ablation(
+        "gc-tuning",
+        "start-up objects frozen, young collections every 5,000 allocations",
+        "CPython's default collector thresholds",
+        "default-gc.patch",
+        (
+            ("idle", "server_cpu_per_join_us", "server µs per connect + upgrade + join"),
+            ("sat5k", "deliveries_per_s", "deliveries/s, 5,000 subscribers"),
+            ("lat5k", "latency_p99_ms", "latency p99 ms, 5,000 subscribers x 20/s"),
+        ),
+    ),
+    Ablation(
+        "orjson",
+        "JSON parsed and encoded with orjson",
+        "the standard library's json",
+        "stdlib-json.patch",
+        (
+            *SATURATED,
+            ("sat5k", "server_cpu_per_join_us", "server µs per connect + upgrade + join"),
+        ),
+    ),
+]
+
+
+def patched_core(ablation: Ablation, base: Path | None, into: Path) -> Path:
+    """A copy of the package (from `base`, else the installed one) with the ablation's
+    patch applied; returns the directory to put on PYTHONPATH."""
+    into.mkdir(parents=True)
+    source = (base / "phxbroker") if base else _package_dir()
+    shutil.copytree(source, into / "phxbroker", ignore=shutil.ignore_patterns("__pycache__"))
+    patch = ABLATIONS_DIR / ablation.patch
+    proc = subprocess.run(["git", "apply", str(patch)], cwd=into, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(
+            f"bench/ablations/{ablation.patch} does not apply to this phxbroker: "
+            f"{proc.stderr.strip()}"
+        )
+    return into
+
+
 @dataclass
 class RunResult:
     scenario: str
@@ -240,6 +319,7 @@ class RunResult:
     server_log: str = ""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ablation: str = ""  # the optimisation taken out for this run, if any
 
 
 class ServerProcess:
@@ -306,11 +386,20 @@ def server_command(target: str, config_path: Path) -> list[str]:
     return pinned(0, [sys.executable, "-m", "phxbroker", "serve", "--config", str(config_path)])
 
 
-def run_one(scenario: Scenario, run: int, opts, config_path: Path, out_dir: Path) -> RunResult:
-    log_path = out_dir / f"{scenario.name}-{run}.server.log"
+def run_one(
+    scenario: Scenario,
+    run: int,
+    opts,
+    config_path: Path,
+    out_dir: Path,
+    ablation: Ablation | None = None,
+) -> RunResult:
+    stem = f"{scenario.name}-{run}" + (f"-without-{ablation.name}" if ablation else "")
+    log_path = out_dir / f"{stem}.server.log"
+    core_path = opts.ablation_cores[ablation.name] if ablation else opts.core_path
     env = None
-    if opts.core_path:
-        env = {**os.environ, "PYTHONPATH": str(opts.core_path)}
+    if core_path:
+        env = {**os.environ, "PYTHONPATH": str(core_path)}
     # Started from the config's directory: `python -m phxbroker` puts its working
     # directory first on sys.path, where a checkout's own package would shadow
     # the one meant to run.
@@ -349,8 +438,16 @@ def run_one(scenario: Scenario, run: int, opts, config_path: Path, out_dir: Path
         problems.append(result["error"])
     held = result.get("connected", 0) - result.get("dropped", 0)
     result["held"] = held if result.get("mode") == "idle" else None
-    (out_dir / f"{scenario.name}-{run}.json").write_text(json.dumps(result) + "\n")
-    return RunResult(scenario.name, run, result, cmd, str(log_path), problems)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result) + "\n")
+    return RunResult(
+        scenario.name,
+        run,
+        result,
+        cmd,
+        str(log_path),
+        problems,
+        ablation=ablation.name if ablation else "",
+    )
 
 
 def _busy_box(r: RunResult, limit: float) -> bool:
@@ -462,7 +559,8 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
     info = machine_info(opts)
     by_name: dict[str, list[RunResult]] = {}
     for r in runs:
-        by_name.setdefault(r.scenario, []).append(r)
+        if not r.ablation:
+            by_name.setdefault(r.scenario, []).append(r)
     lines = ["# Benchmarks", ""]
     if opts.note:
         lines += [f"> {opts.note}", ""]
@@ -516,7 +614,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
             "| "
             + " | ".join(
                 [
-                    r.scenario,
+                    r.scenario + (f" without {r.ablation}" if r.ablation else ""),
                     str(r.run),
                     _fmt(d.get("connected")),
                     _fmt(d.get("join_rate")),
@@ -538,6 +636,15 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
             )
             + " |"
         )
+    gen = [r.result["gen_cpu"] for r in runs if isinstance(r.result.get("gen_cpu"), (int, float))]
+    if gen:
+        lines += [
+            "",
+            f"The generator used at most {_fmt(max(gen))} of its core in any run "
+            f"({'below' if max(gen) < 1 else '**not** below'} 1.0 in every run), so the "
+            "figures are the server's.",
+        ]
+    lines += ablation_report(runs, by_name, opts)
     lines += ["", "## Scenarios and exact commands", "", f"    {invocation}", ""]
     for sc in scenarios:
         rs = by_name.get(sc.name)
@@ -584,6 +691,46 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
     return "\n".join(lines)
 
 
+def _change(with_it: float, without: float) -> str:
+    if not without:
+        return "—"
+    return f"{(with_it / without - 1) * 100:+.0f}%"
+
+
+def ablation_report(
+    runs: list[RunResult], main_runs: dict[str, list[RunResult]], opts
+) -> list[str]:
+    """The optimisations section: each figure with the optimisation and without it."""
+    chosen = [a for a in ABLATIONS if a.name in opts.ablation_names]
+    if not chosen:
+        return []
+    lines = [
+        "",
+        "## Optimisations, each measured by taking it out",
+        "",
+        "Each optimisation below is taken out by one patch from `bench/ablations/`, "
+        "applied to a copy of the same code, and the scenarios it should matter to are "
+        'run again the same way (medians over the same number of runs). "with" is the '
+        "main set above. The change is with relative to without.",
+        "",
+        "| optimisation | without it | figure | with | without | change |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in chosen:
+        for scenario, key, label in a.figures:
+            with_it = median([r.result.get(key) for r in main_runs.get(scenario, [])])
+            without = median(
+                [r.result.get(key) for r in runs if r.ablation == a.name and r.scenario == scenario]
+            )
+            if with_it is None or without is None:
+                continue
+            lines.append(
+                f"| {a.optimisation} (`{a.name}`) | {a.without} (`{a.patch}`) | {label} | "
+                f"{_fmt(with_it)} | {_fmt(without)} | {_change(with_it, without)} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny runs to check the harness")
@@ -611,6 +758,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print every run's JSON line")
     p.add_argument(
+        "--ablations",
+        default=None,
+        help="optimisations to measure by taking each out: 'all', 'none' or names "
+        f"({', '.join(a.name for a in ABLATIONS)}); default all for the full set, "
+        "none with --quick or --only",
+    )
+    p.add_argument(
         "--max-others",
         type=float,
         default=0.3,
@@ -630,6 +784,25 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
         scenarios = [s for s in scenarios if s.name in wanted]
+    if opts.ablations is None:
+        opts.ablations = "none" if (opts.quick or opts.only) else "all"
+    names = {a.name for a in ABLATIONS}
+    if opts.ablations == "all":
+        opts.ablation_names = [a.name for a in ABLATIONS]
+    elif opts.ablations == "none":
+        opts.ablation_names = []
+    else:
+        opts.ablation_names = opts.ablations.split(",")
+        unknown = set(opts.ablation_names) - names
+        if unknown:
+            p.error(f"unknown ablation(s): {', '.join(sorted(unknown))}")
+    if opts.ablation_names and opts.target != "phxbroker":
+        p.error("--ablations measure phxbroker; use --ablations none with --target")
+    # An ablation is compared with the main set, so its scenarios run there too.
+    available = {s.name: s for s in (quick_scenarios() if opts.quick else full_scenarios())}
+    ablations = [a for a in ABLATIONS if a.name in opts.ablation_names]
+    needed = {n for a in ablations for n in a.scenarios if n in available}
+    scenarios += [available[n] for n in available if n in needed and available[n] not in scenarios]
     output = opts.output or (None if opts.quick else REPO_DIR / "BENCHMARKS.md")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = BENCH_DIR / "results" / stamp
@@ -648,13 +821,25 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, subprocess.CalledProcessError) as exc:
                 print(f"run_benchmarks: cannot take --core-commit: {exc}", file=sys.stderr)
                 return 2
+        opts.ablation_cores = {}
+        try:
+            for a in ablations:
+                opts.ablation_cores[a.name] = patched_core(
+                    a, opts.core_path, Path(tmp) / f"without-{a.name}"
+                )
+        except (RuntimeError, OSError) as exc:
+            print(f"run_benchmarks: {exc}", file=sys.stderr)
+            return 2
         config_path = Path(tmp) / "bench.toml"
         config_path.write_text(SERVER_CONFIG.format(api_key=API_KEY))
-        for sc in scenarios:
+        plan: list[tuple[Scenario, Ablation | None]] = [(sc, None) for sc in scenarios]
+        plan += [(available[n], a) for a in ablations for n in a.scenarios if n in available]
+        for sc, ablation in plan:
+            what = sc.name + (f" without {ablation.name}" if ablation else "")
             for run in range(1, opts.runs + 1):
-                print(f"{sc.name} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)
+                print(f"{what} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)
                 try:
-                    r = run_one(sc, run, opts, config_path, out_dir)
+                    r = run_one(sc, run, opts, config_path, out_dir, ablation)
                     # The idle hold has no timing figure for other work to spoil.
                     retries = 0 if sc.name == "idle" else opts.retries
                     for _ in range(retries):
@@ -666,15 +851,16 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
                         time.sleep(5)
-                        r = run_one(sc, run, opts, config_path, out_dir)
+                        r = run_one(sc, run, opts, config_path, out_dir, ablation)
                 except RuntimeError as exc:
-                    print(f"run_benchmarks: {sc.name}: {exc}", file=sys.stderr)
+                    print(f"run_benchmarks: {what}: {exc}", file=sys.stderr)
                     return 1
                 if _busy_box(r, opts.max_others):
                     r.notes.append(f"shared box: other work used {r.result['others_cpu']} cores")
                 runs.append(r)
                 if opts.json:
-                    print(json.dumps({"scenario": sc.name, "run": run, **r.result}), flush=True)
+                    line = {"scenario": sc.name, "run": run, "ablation": r.ablation, **r.result}
+                    print(json.dumps(line), flush=True)
                 for problem in r.problems:
                     print(f"  problem: {problem}", file=sys.stderr)
     text = report(runs, scenarios, opts, invocation)

@@ -16,7 +16,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from run_benchmarks import ServerProcess  # noqa: E402
+from run_benchmarks import ABLATIONS, ServerProcess, patched_core  # noqa: E402
 
 
 def _loadgen(port: int, pid: int, *args: str) -> dict:
@@ -92,6 +92,48 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Results against the targets" in report
     assert "gen CPU" in report
+
+
+def test_every_ablation_patch_still_changes_the_code_it_names(tmp_path):
+    package = Path(__file__).resolve().parents[1] / "phxbroker"
+    for ablation in ABLATIONS:
+        core = patched_core(ablation, None, tmp_path / ablation.name)
+        changed = [
+            f.name
+            for f in (core / "phxbroker").glob("*.py")
+            if f.read_bytes() != (package / f.name).read_bytes()
+        ]
+        assert changed, ablation.name
+        for scenario, _, _ in ablation.figures:
+            assert scenario in {"idle", "sat1k", "sat5k", "lat1k", "lat5k"}
+
+
+def test_a_quick_run_measures_an_optimisation_taken_out(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run_benchmarks.py"),
+            "--quick",
+            "--json",
+            "--ablations",
+            "encode-once",
+            "--output",
+            str(tmp_path / "BENCHMARKS.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    without = [r for r in runs if r["ablation"] == "encode-once"]
+    assert [r["scenario"] for r in without] == ["sat1k"]
+    _check_broadcast_run(without[0], 20)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Optimisations, each measured by taking it out" in report
+    assert "| sat1k without encode-once | 1 |" in report
+    row = next(line for line in report.splitlines() if "(`encode-per-delivery.patch`)" in line)
+    assert "deliveries/s, 1,000 subscribers" in row
 
 
 def test_generator_counts_every_delivery(tmp_path):
