@@ -4,7 +4,9 @@
 Opens N websocket connections to 127.0.0.1, joins them all to one topic, then
 either holds them idle (heartbeats only) or publishes broadcasts at a fixed rate
 or as fast as the server delivers them (a closed loop with W broadcasts in
-flight). Prints one JSON line with the results.
+flight). In presence mode the joins themselves are the load: N clients join a
+presence topic and the run ends once every probe's presence state lists all N.
+Prints one JSON line with the results.
 
 Cheap by construction, so the server and not the generator is what is measured:
 one epoll loop, 256 KiB reads into one shared buffer, and subscribers that only
@@ -53,6 +55,7 @@ from wsframes import (
 CONNECTING, HANDSHAKE, JOINING, JOINED, DEAD = range(5)
 SUB, PROBE, PUB, HTTP = "sub", "probe", "pub", "http"
 
+PRESENCE_EVENTS = ("presence_state", "presence_diff")
 READ_SIZE = 256 * 1024
 PROBE_READ_SIZE = 16 * 1024  # bounds the JSON parsing one probe event can cost
 PASS_BUDGET = 0.0005
@@ -87,10 +90,12 @@ class Conn:
         "handshake",
         "hb_ref",
         "index",
+        "keys",
         "kind",
         "last_seq",
         "out",
         "parser",
+        "settled_at",
         "sock",
         "started",
         "state",
@@ -112,6 +117,8 @@ class Conn:
         self.last_seq = -1
         self.started = 0.0
         self.want_out = False
+        self.keys: set[str] | None = None  # presence keys a probe has seen, in presence mode
+        self.settled_at = 0.0
 
 
 class Stop(Exception):
@@ -388,7 +395,10 @@ class LoadGenerator:
             self.other_frames += 1
             return
         join_ref, ref, _topic, event, payload = msg
-        if join_ref is None and ref is None and event == self.o.event:
+        if event in PRESENCE_EVENTS and self.o.mode == "presence":
+            self.on_presence(c, event, payload)
+            self.account(c, 1)
+        elif join_ref is None and ref is None and event == self.o.event:
             if c.kind == PUB:
                 self.pub_notes["own broadcast received"] += 1
                 return
@@ -406,6 +416,18 @@ class LoadGenerator:
             self.pub_notes[f"{event}: {orjson.dumps(payload).decode()[:120]}"] += 1
         else:
             self.other_frames += 1
+
+    def on_presence(self, c: Conn, event: str, payload) -> None:
+        """Apply a presence frame to a probe's key set as phoenix.js Presence would."""
+        if c.keys is None:
+            c.keys = set()
+        if event == "presence_state":
+            c.keys = set(payload)
+        else:
+            c.keys.update(payload.get("joins", {}))
+            c.keys.difference_update(payload.get("leaves", {}))
+        if not c.settled_at and len(c.keys) >= self.o.connections:
+            c.settled_at = clock()
 
     def read_sub(self, c: Conn) -> None:
         """Drain a counting subscriber and re-arm it after the read interval."""
@@ -525,7 +547,9 @@ class LoadGenerator:
         typical = b'{"seq":100000,"t":1000000000000,"pad":""}'
         self.pad = b"x" * max(0, o.payload_bytes - len(typical))
 
-        if o.publisher == "relay":
+        if o.mode == "presence":
+            pass  # the joins are the load; nothing publishes
+        elif o.publisher == "relay":
             self.pub = Conn(-1, PUB)
             self.start_connect(self.pub)
             if not self.loop_until(
@@ -602,6 +626,51 @@ class LoadGenerator:
             "gen_max_pass_cpu_ms": round(self.max_pass_cpu * 1000, 3),
             "rss_end_kib": process_rss_kib(self.o.server_pid) if self.o.server_pid else None,
         }
+
+    def presence_storm(self, meter: Meter, t0: float) -> dict:
+        """Wait until every probe's presence state lists all N clients, then until the
+        frames still in flight have arrived; report the storm's cost."""
+        o = self.o
+        probes = [c for c in self.subs if c.kind == PROBE]
+        if not probes:
+            raise Stop("presence mode needs at least one probe")
+        settled = self.loop_until(
+            lambda: all(c.settled_at or c.state != JOINED for c in probes),
+            clock() + o.settle_timeout,
+        )
+        m = meter.stop()
+        settled_at = max((c.settled_at for c in probes), default=0.0)
+        received_at_settle = self.received + self.counted_others()
+        # Frames already sent keep arriving for a while: count them until a quiet spell.
+        last = [self.received + self.counted_others(), clock()]
+
+        def quiet() -> bool:
+            total = self.received + self.counted_others()
+            if total != last[0]:
+                last[0], last[1] = total, clock()
+            return clock() - last[1] > 0.5
+
+        self.read_interval = 0.0
+        self.loop_until(quiet, clock() + o.drain_timeout)
+        frames = self.received + self.counted_others()
+        return {
+            "presence_settled": settled,
+            "probes_settled": sum(1 for c in probes if c.settled_at),
+            "probe_keys_min": min(len(c.keys or ()) for c in probes),
+            "settle_seconds": round(settled_at - t0, 3) if settled else None,
+            "storm_server_cpu_s": _round(m["server_cpu_s"], 3),
+            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
+            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
+            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "presence_frames_at_settle": received_at_settle,
+            "presence_frames": frames,
+            "presence_frames_per_client": round(frames / max(1, len(self.subs)), 1),
+        }
+
+    def counted_others(self) -> int:
+        """Text frames the counting subscribers saw that are not broadcasts or heartbeat
+        replies (in presence mode: each one's presence_state)."""
+        return sum(c.counter.others for c in self.subs if c.counter)
 
     def broadcast(self) -> dict:
         """Publish for warmup + duration seconds (fixed rate or saturating), then drain."""
@@ -687,6 +756,10 @@ class LoadGenerator:
         t0 = clock()
         error = None
         try:
+            if o.mode == "presence":
+                # Counting subscribers are read at the usual interval during the storm.
+                self.read_interval = o.read_interval
+                storm_meter = Meter(clock, o.server_pid)
             result.update(self.connect_all())
             # Nothing in the hot path makes reference cycles; a full collection
             # over 10,000 connections would stall the loop for tens of ms.
@@ -695,6 +768,8 @@ class LoadGenerator:
             gc.disable()
             if o.mode == "idle":
                 result.update(self.hold(o.hold))
+            elif o.mode == "presence":
+                result.update(self.presence_storm(storm_meter, t0))
             else:
                 result.update(self.broadcast())
         except Stop as exc:
@@ -705,8 +780,8 @@ class LoadGenerator:
         result["close_codes"] = dict(self.close_codes)
         result["heartbeats_sent"] = self.hb_sent
         result["heartbeats_acked"] = self.heartbeats_acked()
-        result["other_frames"] = self.other_frames + sum(
-            c.counter.others for c in self.subs if c.counter
+        result["other_frames"] = self.other_frames + (
+            0 if o.mode == "presence" else self.counted_others()
         )
         if self.pub_notes:
             result["publisher_notes"] = dict(self.pub_notes)
@@ -836,7 +911,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--port", type=int, required=True, help="server port on 127.0.0.1")
     p.add_argument("--server-pid", type=int, help="pid to read CPU and RSS from (/proc)")
-    p.add_argument("--mode", choices=["idle", "rate", "saturate"], default="saturate")
+    p.add_argument("--mode", choices=["idle", "rate", "saturate", "presence"], default="saturate")
     p.add_argument("-n", "--connections", type=int, default=100, help="subscribers to join")
     p.add_argument(
         "--probes",
@@ -894,6 +969,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds between reads of one counting subscriber (default: connections / "
         f"{READS_PER_S:,} s, within 2 ms..0.5 s, so counting costs at most ~{READS_PER_S:,} "
         "reads/s whatever the number of subscribers)",
+    )
+    p.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=120.0,
+        help="presence mode: bound on the wait for every probe to list all N clients",
     )
     p.add_argument("--heartbeat-interval", type=float, default=30.0)
     p.add_argument(

@@ -68,6 +68,19 @@ join = "anyone"
 relay = ["bench"]
 presence = false
 
+# Join storms: presence diffs batched per 50 ms (the default), and sent one per join
+# as Phoenix does (coalesce_ms = 0).
+[[topics]]
+pattern = "presence:*"
+join = "anyone"
+presence = true
+
+[[topics]]
+pattern = "eager:*"
+join = "anyone"
+presence = true
+coalesce_ms = 0
+
 [log]
 level = "info"
 """
@@ -132,7 +145,27 @@ def full_scenarios() -> list[Scenario]:
             "--mode rate -n 5000 --rate 20 --probes 100 --warmup 2 --duration 20",
             240,
         ),
+        *storm_scenarios(),
     ]
+
+
+def storm_scenarios() -> list[Scenario]:
+    """Presence join storms, batched and unbatched (see the report's storm section)."""
+    storms = []
+    for n, label in ((1000, "1k"), (5000, "5k")):
+        for topic, name, how in (
+            ("presence:storm", "storm", "diffs batched per 50 ms"),
+            ("eager:storm", "eager", "one diff per join, as Phoenix sends them"),
+        ):
+            storms.append(
+                Scenario(
+                    f"{name}{label}",
+                    f"{n:,} clients join one presence topic, {how}",
+                    f"--mode presence -n {n} --probes 10 --topic {topic} --settle-timeout 180",
+                    300,
+                )
+            )
+    return storms
 
 
 def quick_scenarios() -> list[Scenario]:
@@ -160,6 +193,12 @@ def quick_scenarios() -> list[Scenario]:
             "quick: 20 subscribers x 20 broadcasts/s published with POST /api/broadcast",
             "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2 "
             f"--publisher http --api-key {API_KEY}",
+            60,
+        ),
+        Scenario(
+            "storm",
+            "quick: 30 clients join a presence topic, one diff per join",
+            "--mode presence -n 30 --probes 3 --topic eager:storm --settle-timeout 20",
             60,
         ),
     ]
@@ -307,6 +346,7 @@ def patched_core(ablation: Ablation, base: Path | None, into: Path) -> Path:
             f"bench/ablations/{ablation.patch} does not apply to this phxbroker: "
             f"{proc.stderr.strip()}"
         )
+    compile_package(into)
     return into
 
 
@@ -513,7 +553,14 @@ def snapshot_core(rev: str, into: Path) -> str:
         ["git", "-C", str(repo), "archive", commit, "phxbroker"], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    compile_package(into)
     return commit
+
+
+def compile_package(root: Path) -> None:
+    """Byte-compile a copied package, as an installed one is, so that the first run
+    does not pay for compiling the modules it imports lazily while measured."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root)], check=True)
 
 
 def _package_dir() -> Path:
@@ -644,6 +691,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
             f"({'below' if max(gen) < 1 else '**not** below'} 1.0 in every run), so the "
             "figures are the server's.",
         ]
+    lines += storm_report(scenarios, by_name)
     lines += ablation_report(runs, by_name, opts)
     lines += ["", "## Scenarios and exact commands", "", f"    {invocation}", ""]
     for sc in scenarios:
@@ -689,6 +737,41 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         "",
     ]
     return "\n".join(lines)
+
+
+def storm_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
+    """The presence join storm section: what N joins to a presence topic cost."""
+    storms = [sc for sc in scenarios if "--mode presence" in sc.loadgen_args]
+    storms = [sc for sc in storms if sc.name in main_runs]
+    if not storms:
+        return []
+    lines = [
+        "",
+        "## Presence join storms",
+        "",
+        "N clients join one presence topic (256 joins in flight). Every joiner gets the "
+        "presence state after its join reply and every member gets a presence_diff for "
+        "the joins. Settled: from the first connect until every probe (10 clients spread "
+        "over the join order, which apply the diffs as phoenix.js does) lists all N; the "
+        "server CPU is over that same span. Frames per client counts every presence frame "
+        "a client received, until the stream went quiet.",
+        "",
+        "| scenario | joins | settled s | server CPU s | presence frames per client "
+        "| probes listing all N |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sc in storms:
+        rs = main_runs[sc.name]
+
+        def med(key: str, rs=rs):
+            return _fmt(median([r.result.get(key) for r in rs]))
+
+        probes = ", ".join(f"{r.result.get('probes_settled')}/{r.result.get('probes')}" for r in rs)
+        lines.append(
+            f"| {sc.name}: {sc.title} | {med('connected')} | {med('settle_seconds')} | "
+            f"{med('storm_server_cpu_s')} | {med('presence_frames_per_client')} | {probes} |"
+        )
+    return lines
 
 
 def _change(with_it: float, without: float) -> str:

@@ -72,7 +72,7 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     )
     runs = {r["scenario"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
     assert proc.returncode == 0, proc.stderr
-    assert set(runs) == {"idle", "sat1k", "lat1k", "api"}
+    assert set(runs) == {"idle", "sat1k", "lat1k", "api", "storm"}
 
     idle = runs["idle"]
     assert idle["error"] is None
@@ -89,9 +89,21 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     # 20 broadcasts/s over 0.5 s warm-up + 2 s measured.
     assert 50 <= runs["lat1k"]["broadcasts_sent"] <= 51
 
+    storm = runs["storm"]
+    assert storm["error"] is None
+    assert storm["connected"] == 30 and storm["dropped"] == 0
+    assert storm["presence_settled"] is True
+    assert storm["probes_settled"] == 3 and storm["probe_keys_min"] == 30
+    assert storm["settle_seconds"] > 0
+    # One diff per join: the k-th joiner gets its state and the diffs of its own join
+    # and of every later one.
+    assert storm["presence_frames"] == sum(1 + (31 - k) for k in range(1, 31))
+
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Results against the targets" in report
     assert "gen CPU" in report
+    assert "## Presence join storms" in report
+    assert "| storm: quick: 30 clients join a presence topic" in report
 
 
 def test_every_ablation_patch_still_changes_the_code_it_names(tmp_path):
