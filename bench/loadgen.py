@@ -622,6 +622,7 @@ class LoadGenerator:
             "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
             "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
             "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
             "gen_max_pass_ms": round(self.max_pass * 1000, 3),
             "gen_max_pass_cpu_ms": round(self.max_pass_cpu * 1000, 3),
             "rss_end_kib": process_rss_kib(self.o.server_pid) if self.o.server_pid else None,
@@ -662,6 +663,7 @@ class LoadGenerator:
             "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
             "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
             "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
             "presence_frames_at_settle": received_at_settle,
             "presence_frames": frames,
             "presence_frames_per_client": round(frames / max(1, len(self.subs)), 1),
@@ -746,6 +748,7 @@ class LoadGenerator:
             "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
             "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
             "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
             "gen_max_pass_ms": round(max_pass * 1000, 3),
             "gen_max_pass_cpu_ms": round(max_pass_cpu * 1000, 3),
         }

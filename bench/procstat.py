@@ -28,15 +28,25 @@ def process_rss_kib(pid: int) -> int:
 
 def busy_seconds() -> dict[str, float]:
     """CPU time spent on anything but idle and iowait: "cpu" for all cores, "cpuN" for one."""
-    busy = {}
+    return {name: busy for name, (busy, _) in _cpu_times().items()}
+
+
+def steal_seconds() -> dict[str, float]:
+    """Time the hypervisor gave each core's turn to another guest ("cpu", "cpuN")."""
+    return {name: steal for name, (_, steal) in _cpu_times().items()}
+
+
+def _cpu_times() -> dict[str, tuple[float, float]]:
+    times = {}
     with open("/proc/stat", "rb") as f:
         for line in f:
             if not line.startswith(b"cpu"):
                 break
             name, *fields = line.split()
             user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-            busy[name.decode()] = (user + nice + system + irq + softirq + steal) / _TICK
-    return busy
+            busy = (user + nice + system + irq + softirq + steal) / _TICK
+            times[name.decode()] = (busy, steal / _TICK)
+    return times
 
 
 def only_cpu(pid: int) -> str | None:
@@ -55,7 +65,8 @@ class Meter:
     """Wall time and CPU use between two points: own, the server's, everyone else's.
 
     When the server is pinned to one core, that core's busy time is kept too: it
-    includes the softirq work of its sends, which utime+stime leave out.
+    includes the softirq work of its sends, which utime+stime leave out, and the
+    time the hypervisor ran another guest on it (steal), which is also kept apart.
     """
 
     def __init__(self, clock, server_pid: int | None) -> None:
@@ -69,6 +80,7 @@ class Meter:
         self.own0 = own_cpu_seconds()
         self.srv0 = process_cpu_seconds(self._pid) if self._pid else None
         self.box0 = busy_seconds()
+        self.steal0 = steal_seconds()
 
     def stop(self) -> dict[str, float | None]:
         """Return wall seconds, own and server CPU, and what the rest of the box used."""
@@ -78,10 +90,12 @@ class Meter:
         box1 = busy_seconds()
         others = box1["cpu"] - self.box0["cpu"] - own - (srv or 0.0)
         core = box1[self._core] - self.box0[self._core] if self._core else None
+        steal = steal_seconds()[self._core] - self.steal0[self._core] if self._core else None
         return {
             "wall": wall,
             "gen_cpu_s": own,
             "server_cpu_s": srv,
             "others_cpu_s": others,
             "server_core_busy_s": core,
+            "server_core_steal_s": steal,
         }

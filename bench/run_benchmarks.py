@@ -490,9 +490,16 @@ def run_one(
     )
 
 
-def _busy_box(r: RunResult, limit: float) -> bool:
+def busy_box(r: RunResult, opts) -> str:
+    """Why other work may have spoiled this run's timing figures ("" if nothing did)."""
     others = r.result.get("others_cpu")
-    return others is not None and others > limit
+    steal = r.result.get("server_core_steal")
+    why = []
+    if others is not None and others > opts.max_others:
+        why.append(f"other work used {others} cores")
+    if steal is not None and steal > opts.max_steal:
+        why.append(f"the hypervisor took {steal} of the server's core (steal)")
+    return " and ".join(why)
 
 
 def median(values: list) -> float | None:
@@ -645,15 +652,16 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         "utime+stime, the busy time of the server's core (which also counts the kernel's "
         "softirq work for its sends), the generator's own (a value near 1.0 would mean "
         "the generator, not the server, was the limit) and everything else on the box "
-        "(other work sharing the machine). The longest generator loop pass bounds what "
+        "(other work sharing the machine); steal is the part of the server core's time "
+        "the hypervisor gave to another guest. The longest generator loop pass bounds what "
         "the generator can add to a latency sample; in parentheses the CPU it used, the "
         "rest of the pass is preemption.",
         "",
         "| scenario | run | joined | join/s | srv µs/join | RSS KiB/conn | deliveries/s "
-        "| lost | p50 ms | p99 ms | max ms | srv CPU | srv core | gen CPU | others CPU "
+        "| lost | p50 ms | p99 ms | max ms | srv CPU | srv core | steal | gen CPU | others CPU "
         "| gen max pass ms (CPU) "
         "| dropped | problems, notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {sc.name: k for k, sc in enumerate(scenarios)}
     for r in sorted(runs, key=lambda r: (r.ablation, order.get(r.scenario, 0), r.run)):
@@ -675,6 +683,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
                     _fmt(d.get("latency_max_ms")),
                     _fmt(d.get("server_cpu")),
                     _fmt(d.get("server_core_busy")),
+                    _fmt(d.get("server_core_steal")),
                     _fmt(d.get("gen_cpu")),
                     _fmt(d.get("others_cpu")),
                     f"{_fmt(d.get('gen_max_pass_ms'))} ({_fmt(d.get('gen_max_pass_cpu_ms'))})",
@@ -894,6 +903,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a run during which other processes used more CPU (in cores) is repeated",
     )
     p.add_argument(
+        "--max-steal",
+        type=float,
+        default=0.05,
+        help="a run in which the hypervisor took more of the server's core is repeated",
+    )
+    p.add_argument(
         "--retries", type=int, default=None, help="repeats of a run on a busy box (2; quick: 0)"
     )
     opts = p.parse_args(argv)
@@ -968,21 +983,23 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(sc, run, opts, config_path, out_dir, ablation)
                 # The idle hold has no timing figure for other work to spoil.
                 retries = 0 if sc.name == "idle" else opts.retries
+                repeated = []
                 for _ in range(retries):
-                    if not _busy_box(r, opts.max_others):
+                    why = busy_box(r, opts)
+                    if not why:
                         break
-                    print(
-                        f"  others used {r.result['others_cpu']} cores; again",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    print(f"  {why}; again", file=sys.stderr, flush=True)
+                    repeated.append(why)
                     time.sleep(5)
                     r = run_one(sc, run, opts, config_path, out_dir, ablation)
+                for why in repeated:
+                    r.notes.append(f"an earlier attempt was repeated: {why}")
             except RuntimeError as exc:
                 print(f"run_benchmarks: {what}: {exc}", file=sys.stderr)
                 return 1
-            if _busy_box(r, opts.max_others):
-                r.notes.append(f"shared box: other work used {r.result['others_cpu']} cores")
+            why = busy_box(r, opts)
+            if why:
+                r.notes.append(f"shared box: {why}")
             runs.append(r)
             if opts.json:
                 line = {"scenario": sc.name, "run": run, "ablation": r.ablation, **r.result}
