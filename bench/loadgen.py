@@ -627,10 +627,7 @@ class LoadGenerator:
         return {
             "hold_seconds": round(m["wall"], 3),
             "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
-            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
-            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
-            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
-            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
+            **_cpu_shares(m),
             "gen_max_pass_ms": round(self.max_pass * 1000, 3),
             "gen_max_pass_cpu_ms": round(self.max_pass_cpu * 1000, 3),
             "rss_end_kib": process_rss_kib(self.o.server_pid) if self.o.server_pid else None,
@@ -649,33 +646,35 @@ class LoadGenerator:
         )
         m = meter.stop()
         settled_at = max((c.settled_at for c in probes), default=0.0)
-        received_at_settle = self.received + self.counted_others()
+        received_at_settle = self.presence_frames()
         # Frames already sent keep arriving for a while: count them until a quiet spell.
-        last = [self.received + self.counted_others(), clock()]
+        last = [received_at_settle, clock()]
 
         def quiet() -> bool:
-            total = self.received + self.counted_others()
+            total = self.presence_frames()
             if total != last[0]:
                 last[0], last[1] = total, clock()
             return clock() - last[1] > 0.5
 
         self.read_interval = 0.0
         self.loop_until(quiet, clock() + o.drain_timeout)
-        frames = self.received + self.counted_others()
+        frames = self.presence_frames()
         return {
             "presence_settled": settled,
             "probes_settled": sum(1 for c in probes if c.settled_at),
             "probe_keys_min": min(len(c.keys or ()) for c in probes),
             "settle_seconds": round(settled_at - t0, 3) if settled else None,
             "storm_server_cpu_s": _round(m["server_cpu_s"], 3),
-            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
-            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
-            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
-            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
+            **_cpu_shares(m),
             "presence_frames_at_settle": received_at_settle,
             "presence_frames": frames,
             "presence_frames_per_client": round(frames / max(1, len(self.subs)), 1),
         }
+
+    def presence_frames(self) -> int:
+        """Presence frames received so far: the broadcasts counted (the diffs, and all a
+        probe parsed) plus the counters' other text frames (their presence states)."""
+        return self.received + self.counted_others()
 
     def counted_others(self) -> int:
         """Text frames the counting subscribers saw that are not broadcasts or heartbeat
@@ -753,10 +752,7 @@ class LoadGenerator:
             "latency_p99_ms": _pct(lat, 0.99),
             "latency_max_ms": round(lat[-1] / 1000, 3) if lat else None,
             "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
-            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
-            "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
-            "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
-            "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
+            **_cpu_shares(m),
             "gen_max_pass_ms": round(max_pass * 1000, 3),
             "gen_max_pass_cpu_ms": round(max_pass_cpu * 1000, 3),
         }
@@ -898,6 +894,16 @@ def _pct(sorted_us: list[int], q: float) -> float | None:
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _cpu_shares(m: dict) -> dict[str, float | None]:
+    """A Meter's generator, others', server-core busy and steal seconds, in cores."""
+    return {
+        "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
+        "others_cpu": _ratio(m["others_cpu_s"], m["wall"]),
+        "server_core_busy": _ratio(m["server_core_busy_s"], m["wall"]),
+        "server_core_steal": _ratio(m["server_core_steal_s"], m["wall"]),
+    }
 
 
 def _ratio(num: float | None, den: float) -> float | None:

@@ -26,17 +26,9 @@ def process_rss_kib(pid: int) -> int:
     raise ValueError(f"/proc/{pid}/status has no VmRSS line")
 
 
-def busy_seconds() -> dict[str, float]:
-    """CPU time spent on anything but idle and iowait: "cpu" for all cores, "cpuN" for one."""
-    return {name: busy for name, (busy, _) in _cpu_times().items()}
-
-
-def steal_seconds() -> dict[str, float]:
-    """Time the hypervisor gave each core's turn to another guest ("cpu", "cpuN")."""
-    return {name: steal for name, (_, steal) in _cpu_times().items()}
-
-
-def _cpu_times() -> dict[str, tuple[float, float]]:
+def cpu_times() -> dict[str, tuple[float, float]]:
+    """Per "cpu" (all cores) and "cpuN": seconds busy (anything but idle and iowait) and,
+    within that, seconds the hypervisor gave the core's turn to another guest (steal)."""
     times = {}
     with open("/proc/stat", "rb") as f:
         for line in f:
@@ -79,18 +71,19 @@ class Meter:
         self.t0 = self._clock()
         self.own0 = own_cpu_seconds()
         self.srv0 = process_cpu_seconds(self._pid) if self._pid else None
-        self.box0 = busy_seconds()
-        self.steal0 = steal_seconds()
+        self.box0 = cpu_times()
 
     def stop(self) -> dict[str, float | None]:
         """Return wall seconds, own and server CPU, and what the rest of the box used."""
         wall = self._clock() - self.t0
         own = own_cpu_seconds() - self.own0
         srv = process_cpu_seconds(self._pid) - self.srv0 if self._pid else None
-        box1 = busy_seconds()
-        others = box1["cpu"] - self.box0["cpu"] - own - (srv or 0.0)
-        core = box1[self._core] - self.box0[self._core] if self._core else None
-        steal = steal_seconds()[self._core] - self.steal0[self._core] if self._core else None
+        box1 = cpu_times()
+        others = box1["cpu"][0] - self.box0["cpu"][0] - own - (srv or 0.0)
+        core = steal = None
+        if self._core:
+            core = box1[self._core][0] - self.box0[self._core][0]
+            steal = box1[self._core][1] - self.box0[self._core][1]
         return {
             "wall": wall,
             "gen_cpu_s": own,

@@ -790,8 +790,9 @@ def latency_bound(main_runs: dict[str, list[RunResult]]) -> list[str]:
 
 def storm_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
     """The presence join storm section: what N joins to a presence topic cost."""
-    storms = [sc for sc in scenarios if "--mode presence" in sc.loadgen_args]
-    storms = [sc for sc in storms if sc.name in main_runs]
+    storms = [
+        sc for sc in scenarios if "--mode presence" in sc.loadgen_args and sc.name in main_runs
+    ]
     if not storms:
         return []
     lines = [
@@ -916,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.retries is None:
         opts.retries = 0 if opts.quick else 2
     scenarios = quick_scenarios() if opts.quick else full_scenarios()
+    available = {s.name: s for s in scenarios}
     if opts.only:
         wanted = set(opts.only.split(","))
         unknown = wanted - {s.name for s in scenarios}
@@ -937,7 +939,6 @@ def main(argv: list[str] | None = None) -> int:
     if opts.ablation_names and opts.target != "phxbroker":
         p.error("--ablations measure phxbroker; use --ablations none with --target")
     # An ablation is compared with the main set, so its scenarios run there too.
-    available = {s.name: s for s in (quick_scenarios() if opts.quick else full_scenarios())}
     ablations = [a for a in ABLATIONS if a.name in opts.ablation_names]
     needed = {n for a in ablations for n in a.scenarios if n in available}
     scenarios += [available[n] for n in available if n in needed and available[n] not in scenarios]
