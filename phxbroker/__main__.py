@@ -1,3 +1,3 @@
-from phxbroker.cli import main
+from phxbroker.cli.main import main
 
 main()

@@ -26,8 +26,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from phxbroker.config import parse_config
-from phxbroker.server import Server
+from phxbroker.config.settings import parse_config
+from phxbroker.daemon.server import Server
 
 TRANSCRIPTS = Path(
     os.environ.get("PHXBROKER_TRANSCRIPTS", Path(__file__).parent / "golden" / "transcripts")

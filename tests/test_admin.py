@@ -15,20 +15,20 @@ import trio
 from golden_replay import serve
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from phxbroker import admin
-from phxbroker.admin import AdminError, AdminProtocolError, LineBuffer
-from phxbroker.admin_client import AdminClient, DaemonUnreachable
-from phxbroker.bans import Bans, parse_duration
-from phxbroker.config import parse_config
-from phxbroker.server import Server, StartupError
+from phxbroker.auth.bans import Bans, parse_duration
+from phxbroker.cli.control_client import AdminClient, DaemonUnreachable
+from phxbroker.config.settings import parse_config
+from phxbroker.daemon.server import Server, StartupError
+from phxbroker.ops import control_protocol
+from phxbroker.ops.control_protocol import AdminError, AdminProtocolError, LineBuffer
 
 # -- protocol ------------------------------------------------------------------------------
 
 
 def test_a_request_round_trips_without_its_unset_arguments() -> None:
-    line = admin.encode_request("kick", user="alice", topic=None, reason="spam", ban=600)
+    line = control_protocol.encode_request("kick", user="alice", topic=None, reason="spam", ban=600)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    request = admin.decode_request(line)
+    request = control_protocol.decode_request(line)
     assert (request.command, request.args) == (
         "kick",
         {"user": "alice", "reason": "spam", "ban": 600},
@@ -56,17 +56,19 @@ def test_a_request_round_trips_without_its_unset_arguments() -> None:
 )
 def test_bad_requests_are_refused_with_a_sentence(line: bytes, words: tuple[str, ...]) -> None:
     with pytest.raises(AdminProtocolError) as info:
-        admin.decode_request(line)
+        control_protocol.decode_request(line)
     for word in words:
         assert word in str(info.value)
 
 
 def test_responses_carry_a_result_or_the_daemons_sentence() -> None:
-    assert admin.decode_response(admin.encode_result({"closed": 2})) == {"closed": 2}
+    assert control_protocol.decode_response(control_protocol.encode_result({"closed": 2})) == {
+        "closed": 2
+    }
     with pytest.raises(AdminError, match=r"^no such thing$"):
-        admin.decode_response(admin.encode_error("no such thing"))
+        control_protocol.decode_response(control_protocol.encode_error("no such thing"))
     with pytest.raises(AdminProtocolError):
-        admin.decode_response(b'{"result": 1}')
+        control_protocol.decode_response(b'{"result": 1}')
 
 
 def test_the_line_buffer_splits_a_stream_and_bounds_a_line() -> None:
@@ -113,7 +115,7 @@ def test_a_ban_lasts_its_time_and_can_be_lifted() -> None:
 
 
 def test_a_banned_user_is_refused_whatever_the_token() -> None:
-    from phxbroker.auth import Authenticator, Refused
+    from phxbroker.auth.authenticator import Authenticator, Refused
 
     config = parse_config({"auth": {"tokens": [{"user": "alice", "token": "t"}]}})
     bans = Bans()
@@ -127,7 +129,7 @@ def test_a_banned_user_is_refused_whatever_the_token() -> None:
 
 
 async def test_a_ban_refuses_websocket_and_long_poll_connects_alike(tmp_path: Path) -> None:
-    async with serve(config_with_socket(tmp_path / "admin.sock")) as (server, port):
+    async with serve(config_with_socket(tmp_path / "control_protocol.sock")) as (server, port):
         server.bans.ban("alice", 60)
         url = f"ws://127.0.0.1:{port}/socket/websocket?token=alice-token&vsn=2.0.0"
         with pytest.raises(ConnectionRejected) as info:
@@ -174,7 +176,7 @@ async def call(path: Path, command: str, **args):
 
 
 async def test_the_control_socket_is_0600_answers_and_is_removed_at_exit(tmp_path: Path) -> None:
-    path = tmp_path / "run" / "admin.sock"
+    path = tmp_path / "run" / "control_protocol.sock"
     async with serve(config_with_socket(path)):
         mode = os.stat(path).st_mode
         assert stat.S_ISSOCK(mode)
@@ -188,13 +190,13 @@ async def test_the_control_socket_is_0600_answers_and_is_removed_at_exit(tmp_pat
 
 
 async def test_a_configured_mode_is_applied(tmp_path: Path) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     async with serve(config_with_socket(path, 0o660)):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
 
 
 async def test_a_socket_left_by_a_dead_daemon_is_replaced(tmp_path: Path) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     leftover = socket.socket(socket.AF_UNIX)
     leftover.bind(str(path))
     leftover.close()  # the file stays, nobody listens
@@ -203,7 +205,7 @@ async def test_a_socket_left_by_a_dead_daemon_is_replaced(tmp_path: Path) -> Non
 
 
 async def test_a_second_daemon_on_the_same_socket_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     async with serve(config_with_socket(path)):
         import tomllib
 
@@ -214,7 +216,7 @@ async def test_a_second_daemon_on_the_same_socket_is_refused(tmp_path: Path) -> 
 
 
 async def test_a_file_in_the_way_is_never_removed(tmp_path: Path) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     path.write_text("precious")
     import tomllib
 
@@ -227,7 +229,7 @@ async def test_a_file_in_the_way_is_never_removed(tmp_path: Path) -> None:
 async def test_one_connection_carries_many_requests_and_bad_lines_get_errors(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     async with serve(config_with_socket(path)):
         stream = await trio.open_unix_socket(str(path))
         async with stream:
@@ -243,7 +245,7 @@ async def test_one_connection_carries_many_requests_and_bad_lines_get_errors(
 
 
 def test_the_client_says_in_one_sentence_when_no_daemon_runs(tmp_path: Path) -> None:
-    path = tmp_path / "admin.sock"
+    path = tmp_path / "control_protocol.sock"
     with pytest.raises(DaemonUnreachable) as info:
         AdminClient(path)
     assert str(info.value) == f"no phxbroker is running: cannot connect to {path}"

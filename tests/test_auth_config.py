@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support.phoenix_token_mint import mint
 from test_phoenix_token import VECTOR_SECRET, VECTORS
 
-from phxbroker.auth import Authenticator, Refused
-from phxbroker.config import ConfigError, load_config, parse_config
+from phxbroker.auth.authenticator import Authenticator, Refused
+from phxbroker.config.settings import load_config, parse_config
+from phxbroker.config.table import ConfigError
 
 JWT_SECRET = "j" * 32
 SKB = "s" * 64

@@ -112,10 +112,11 @@ def test_every_ablation_patch_still_changes_the_code_it_names(tmp_path):
     package = Path(__file__).resolve().parents[1] / "phxbroker"
     for ablation in ABLATIONS:
         core = patched_core(ablation, None, tmp_path / ablation.name)
+        patched = core / "phxbroker"
         changed = [
-            f.name
-            for f in (core / "phxbroker").glob("*.py")
-            if f.read_bytes() != (package / f.name).read_bytes()
+            f.relative_to(patched)
+            for f in patched.rglob("*.py")
+            if f.read_bytes() != (package / f.relative_to(patched)).read_bytes()
         ]
         assert changed, ablation.name
         for scenario, _, _ in ablation.figures:

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from phxbroker.broker import Broadcast, Broker
-from phxbroker.config import parse_config
-from phxbroker.protocol import V1, V2, Message, Serializer
+from phxbroker.broker.core import Broadcast, Broker
+from phxbroker.config.settings import parse_config
+from phxbroker.protocol.messages import Message
+from phxbroker.protocol.serializers import V1, V2, Serializer
 
 _ids = itertools.count(1)
 
@@ -104,7 +105,13 @@ def clock() -> Clock:
 
 @pytest.fixture
 def broker(clock: Clock) -> Broker:
-    return Broker(parse_config(tomllib.loads(CONFIG)), clock=clock, wall_clock=lambda: 1.7e9)
+    config = parse_config(tomllib.loads(CONFIG))
+    return Broker(
+        config.topics,
+        max_channels=config.server.max_channels,
+        clock=clock,
+        wall_clock=lambda: 1.7e9,
+    )
 
 
 def connect(broker: Broker, user: str | None, serializer: Serializer = V2) -> FakePeer:
@@ -449,7 +456,8 @@ def test_reload_closes_channels_no_longer_allowed(broker: Broker) -> None:
         'pattern = "public"\njoin = "anyone"', 'pattern = "public"\njoin = ["alice"]'
     )
     stricter = stricter.replace('[[topics]]\npattern = "crashy"\nunhandled = "crash"\n', "")
-    broker.configure(parse_config(tomllib.loads(stricter)))
+    stricter_config = parse_config(tomllib.loads(stricter))
+    broker.configure(stricter_config.topics, stricter_config.server.max_channels)
     assert bob.take() == [["2", "2", "public", "phx_close", {}]]
     assert alice.take() == [["3", "3", "crashy", "phx_close", {}]]
     assert "public" in alice.channels and "crashy" not in alice.channels

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from phxbroker.config import ConfigError, load_config
+from phxbroker.config.settings import load_config
+from phxbroker.config.table import ConfigError
 
 ROOT = Path(__file__).parent.parent
 

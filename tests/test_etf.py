@@ -5,7 +5,7 @@ import zlib
 import pytest
 from support.phoenix_token_mint import term_to_binary
 
-from phxbroker.etf import DEFAULT_MAX_DEPTH, Atom, BitString, TermError, decode
+from phxbroker.auth.etf import DEFAULT_MAX_DEPTH, Atom, BitString, TermError, decode
 
 
 def ext(body: bytes) -> bytes:

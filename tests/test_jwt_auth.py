@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from phxbroker.jwt_auth import JwtVerifier, TokenError
+from phxbroker.auth.jwt_tokens import JwtVerifier, TokenError
 
 SECRET = "s3cr3t-" * 10  # 70 bytes: long enough for HS512
 ISSUER = "https://app.example"

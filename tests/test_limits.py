@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from phxbroker.config import LOOPBACK, ConfigError, LimitsConfig, parse_config
-from phxbroker.limits import ConnectionCounter, TokenBucket, client_address, forwarded_client
+from phxbroker.config.settings import LOOPBACK, LimitsConfig, parse_config
+from phxbroker.config.table import ConfigError
+from phxbroker.transport.admission import (
+    ConnectionCounter,
+    TokenBucket,
+    client_address,
+    forwarded_client,
+)
 
 
 @pytest.mark.parametrize(

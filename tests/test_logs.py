@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from phxbroker.config import LogConfig
-from phxbroker.logs import EventFormatter, Redactor, setup, writes_to_journal
+from phxbroker.config.settings import LogConfig
+from phxbroker.ops.logs import EventFormatter, Redactor, setup, writes_to_journal
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
 PHOENIX_TOKEN = "SFMyNTY.g2gDYQFuBgBXo1XljgFiAAFRgA.mHfSy-k7PmiXqvAmaJ6LeyHzH3OYBAHR0U3I2vd9hHc"

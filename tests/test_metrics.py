@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.http_client import HttpClient, fetch
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from phxbroker import health
+from phxbroker.ops import health
 
 CONFIG = """
 [server]

@@ -8,7 +8,7 @@ import pytest
 import trio
 from support.notify_socket import NotifySocket
 
-from phxbroker.notify import Notifier, keep_informed, watchdog_interval
+from phxbroker.ops.notify import Notifier, keep_informed, watchdog_interval
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])

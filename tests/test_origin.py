@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phxbroker.config import ConfigError, parse_config
-from phxbroker.origin import (
+from phxbroker.auth.origin import (
     ALLOW_ALL,
     CHECK_HOST,
     AllowedOrigin,
@@ -13,6 +12,8 @@ from phxbroker.origin import (
     parse_allowed,
     parse_policy,
 )
+from phxbroker.config.settings import parse_config
+from phxbroker.config.table import ConfigError
 
 LIST = parse_policy(["https://example.com", "//*.example.org", "//other.com:888"])
 

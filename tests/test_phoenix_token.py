@@ -6,8 +6,8 @@ import zlib
 import pytest
 from support.phoenix_token_mint import b64url, mint, sign_message, term_to_binary
 
-from phxbroker.etf import Atom
-from phxbroker.phoenix_token import (
+from phxbroker.auth.etf import Atom
+from phxbroker.auth.phoenix_token import (
     PhoenixTokenVerifier,
     TokenError,
     derive_key,

@@ -6,16 +6,8 @@ import json
 
 import pytest
 
-from phxbroker.protocol import (
-    V1,
-    V2,
-    EncodeError,
-    Message,
-    ProtocolError,
-    RawJSON,
-    loads,
-    serializer_for,
-)
+from phxbroker.protocol.messages import EncodeError, Message, ProtocolError, RawJSON, loads
+from phxbroker.protocol.serializers import V1, V2, serializer_for
 
 
 def test_v2_decodes_the_reference_frames() -> None:

@@ -14,8 +14,8 @@ from golden_replay import serve
 from support.phoenix_token_mint import mint
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from phxbroker.config import load_config
-from phxbroker.server import Server
+from phxbroker.config.settings import load_config
+from phxbroker.daemon.server import Server
 
 JWT_SECRET = "in-process-jwt-secret-0123456789abcdef"
 SKB = "in-process-secret-key-base-0123456789abcdefghijklmnopqrstuvwxyz"

@@ -14,8 +14,10 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from support.certs import ServerCert, TestCA
 
-from phxbroker.config import ConfigError, load_config
-from phxbroker.tls import TlsHandshakeError, TlsSocket, server_context
+from phxbroker.config.settings import load_config
+from phxbroker.config.table import ConfigError
+from phxbroker.config.tls import server_context
+from phxbroker.transport.tls import TlsHandshakeError, TlsSocket
 
 TIMEOUT = 5
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_cli import assert_one_sentence, cli
 
-from phxbroker.config import load_config
+from phxbroker.config.settings import load_config
 
 MAIN_CONFIG = """\
 # Hand-written: these comments must survive every token command.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phxbroker.topics import JoinPolicy, TopicRule, find_rule, parse_pattern, render_template
+from phxbroker.broker.topics import JoinPolicy, TopicRule, find_rule, parse_pattern, render_template
 
 
 def test_exact_pattern_matches_only_itself() -> None:

@@ -14,7 +14,7 @@ import struct
 import zlib
 from typing import Any
 
-from phxbroker.etf import Atom
+from phxbroker.auth.etf import Atom
 
 PREFIXES = {"sha256": "SFMyNTY", "sha384": "SFMzODQ", "sha512": "SFM1MTI"}
 

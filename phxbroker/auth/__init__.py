@@ -1,0 +1,1 @@
+"""Who may connect: tokens (static, JWT, Phoenix.Token), bans, browser origins."""

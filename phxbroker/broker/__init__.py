@@ -1,0 +1,1 @@
+"""The broker, sans-io: topics, subscriptions, presence, the status map and its counters."""

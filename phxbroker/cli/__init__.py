@@ -1,0 +1,1 @@
+"""The `phxbroker` command line: serve, inspect, kick, publish, tokens."""

@@ -1,0 +1,87 @@
+"""The `phxbroker` command line. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from phxbroker import __version__
+from phxbroker.cli import admin, tokens
+from phxbroker.cli.common import OneSentenceGroup, config_option, fail
+from phxbroker.config.settings import load_config, parse_listen
+from phxbroker.config.table import ConfigError
+from phxbroker.daemon.server import Server, StartupError, tune_garbage_collector
+from phxbroker.ops import logs
+
+EXIT_BAD_CONFIG = 2  # also what click uses for bad usage; systemd shows it as INVALIDARGUMENT
+
+log = logging.getLogger("phxbroker")
+
+
+@click.group(cls=OneSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="phxbroker")
+def main() -> None:
+    """phxbroker: a standalone Phoenix Channels broker."""
+
+
+@main.command()
+@config_option
+@click.option("--listen", metavar="HOST:PORT", help="Override [server] listen.")
+def serve(config_path: Path, listen: str | None) -> None:
+    """Run the broker."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_BAD_CONFIG)
+    listen_override = None
+    if listen is not None:
+        try:
+            listen_override = parse_listen(listen)
+        except ValueError as exc:
+            fail(f"--listen: {exc}", EXIT_BAD_CONFIG)
+    logs.setup(config.log, secret_params=[config.auth.token_param])
+    log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
+    server = Server(config, listen_override=listen_override)
+    try:
+        tune_garbage_collector()
+        trio.run(server.serve)
+    except StartupError as exc:
+        fail(str(exc))
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the last line of defence: say why, exit 1
+        if not _only_interrupts(exc):
+            log.critical("stopped by an internal error", exc_info=exc)
+            sys.exit(1)
+    log.info("stopped")
+
+
+def _only_interrupts(exc: BaseException) -> bool:
+    """Ctrl-C before the signal handler was listening (possibly wrapped by a nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_interrupts(e) for e in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
+
+
+@main.command("check-config")
+@click.argument("config_path", metavar="FILE", type=click.Path(path_type=Path))
+def check_config(config_path: Path) -> None:
+    """Validate a config file without starting: exit 0 if it is good, else 2 with one
+    sentence on stderr (fit for systemd's ExecStartPre= and ExecReload=)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_BAD_CONFIG)
+    click.echo(
+        f"{config_path}: ok ({len(config.topics)} topic patterns, "
+        f"{len(config.auth.tokens)} static tokens)"
+    )
+
+
+for _command in (*admin.COMMANDS, *tokens.COMMANDS):
+    main.add_command(_command)

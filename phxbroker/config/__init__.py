@@ -1,0 +1,1 @@
+"""The TOML configuration: files in, frozen settings out, every mistake one sentence."""

@@ -1,0 +1,1 @@
+"""Operator surfaces: the HTTP API, control socket, health, metrics, logs and systemd."""

@@ -1,0 +1,263 @@
+"""The HTTP API an app's back end calls, on the same port as the sockets.
+
+    POST /api/broadcast   {"topic", "event", "payload"}  -> {"ok": true, "subscribers": N}
+    POST /api/disconnect  {"user"}                       -> {"ok": true, "connections": N}
+    GET  /api/stats                                      -> the report (see report.py)
+
+Every request needs `Authorization: Bearer <key>` with a key from [api] keys (or the
+tokens file). Keys are kept as SHA-256 digests and found by a dictionary lookup of the
+digest of what was sent, so response timing tells nothing about a stored key. Without any
+key configured the API is off. Every answer is JSON; an error is {"error": "<sentence>"}.
+Broker state is only changed through the broker task (`Server.ask`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from phxbroker.ops.report import build_report
+from phxbroker.protocol import messages
+from phxbroker.transport.http import BadRequest, HttpConnection, Request
+from phxbroker.transport.sockets import recv_some, shutdown
+
+if TYPE_CHECKING:
+    from phxbroker.config.settings import ApiConfig
+    from phxbroker.daemon.server import Server
+
+log = logging.getLogger("phxbroker.api")
+
+PREFIX = "/api/"
+JSON = "application/json"
+# After an early answer (401, 404, 405, 413) the unread body is drained for a moment, so
+# closing does not reset the connection before the client has read the answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1_048_576
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status and one sentence."""
+
+    def __init__(
+        self, status: int, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+Endpoint = Callable[[Request, Any, str], Awaitable[dict[str, Any]]]
+
+
+def install(server: Server) -> Api:
+    """Register the API's routes on the server's front door."""
+    api = Api(server)
+    for method, path, endpoint, has_body in (
+        ("POST", "/api/broadcast", api.broadcast, True),
+        ("POST", "/api/disconnect", api.disconnect, True),
+        ("GET", "/api/stats", api.stats, False),
+    ):
+        server.frontdoor.route(method, path, api.handler(endpoint, has_body))
+    server.frontdoor.fallback(PREFIX, api.not_routed)
+    return api
+
+
+class Api:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._keys_for: ApiConfig | None = None
+        self._keys: dict[bytes, str] = {}
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def handler(
+        self, endpoint: Endpoint, has_body: bool
+    ) -> Callable[[HttpConnection, Request], Awaitable[None]]:
+        async def handle(conn: HttpConnection, request: Request) -> None:
+            body_read = False
+            try:
+                key_name = self.authorize(request)
+                limit = self.server.config.api.max_body_size
+                declared = request.header("content-length")
+                if declared and int(declared.split(",")[0]) > limit:
+                    raise ApiError(
+                        413, f"the request body is larger than {limit} bytes ([api] max_body_size)"
+                    )
+                try:
+                    raw = await conn.read_body(request, limit)
+                except BadRequest as exc:
+                    if exc.status == 413:
+                        raise ApiError(
+                            413,
+                            f"the request body is larger than {limit} bytes ([api] max_body_size)",
+                        ) from None
+                    raise ApiError(exc.status, f"{exc}") from None
+                body_read = True
+                document = _parse_body(raw) if has_body else None
+                result = await endpoint(request, document, key_name)
+            except ApiError as exc:
+                await self.answer_error(conn, exc, body_read)
+                return
+            await conn.respond(200, messages.dumps(result), content_type=JSON)
+
+        return handle
+
+    async def not_routed(self, conn: HttpConnection, request: Request) -> None:
+        """404 or 405 for a path under /api/ that no route takes."""
+        if not self.server.config.api.keys:
+            error = _api_off()
+        else:
+            methods = self.server.frontdoor.routes.get(request.path)
+            if methods:
+                allowed = ", ".join(sorted(methods))
+                error = ApiError(
+                    405,
+                    f"{request.path} accepts {allowed}, not {request.method}",
+                    [("allow", allowed)],
+                )
+            else:
+                error = ApiError(404, f"there is no API endpoint {request.method} {request.path}")
+        await self.answer_error(conn, error, body_read=False)
+
+    async def answer_error(self, conn: HttpConnection, error: ApiError, body_read: bool) -> None:
+        body = messages.dumps({"error": str(error)})
+        await conn.respond(
+            error.status, body, content_type=JSON, headers=error.headers, close=not body_read
+        )
+        if not body_read:
+            await _drain_and_close(conn.sock)
+
+    def authorize(self, request: Request) -> str:
+        """The name of the key the request carries; ApiError 401 (or 404 if the API is off)."""
+        cfg = self.server.config.api
+        if not cfg.keys:
+            raise _api_off()
+        if self._keys_for is not cfg:  # the config was reloaded
+            self._keys = {key.sha256: key.name for key in cfg.keys}
+            self._keys_for = cfg
+        scheme, _, key = request.header("authorization").strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(
+                401,
+                "this API needs an Authorization: Bearer <key> header",
+                [("www-authenticate", 'Bearer realm="phxbroker"')],
+            )
+        name = self._keys.get(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
+        if name is None:
+            self.server.stats.count_refusal("api_key")
+            log.info("refused API request from %s: the API key is not recognised", request.remote)
+            raise ApiError(
+                401,
+                "the API key is not recognised",
+                [("www-authenticate", 'Bearer realm="phxbroker", error="invalid_token"')],
+            )
+        return name
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    async def broadcast(self, request: Request, body: Any, key_name: str) -> dict[str, Any]:
+        fields = _Fields(body)
+        topic = fields.string("topic")
+        event = fields.string("event")
+        payload = fields.object("payload")
+        fields.done()
+        if event.startswith("phx_"):
+            raise ApiError(400, f'field "event" must not start with "phx_" (got {event!r})')
+        server = self.server
+        reached = await server.ask(server.broker.publish, topic, event, payload)
+        log.debug("API key %s broadcast %s to %s: %d subscribers", key_name, event, topic, reached)
+        return {"ok": True, "subscribers": reached}
+
+    async def disconnect(self, request: Request, body: Any, key_name: str) -> dict[str, Any]:
+        fields = _Fields(body)
+        user = fields.string("user")
+        fields.done()
+        server = self.server
+        closed = await server.ask(server.broker.disconnect_user, user)
+        log.info("API key %s disconnected user %r: %d connections", key_name, user, closed)
+        return {"ok": True, "connections": closed}
+
+    async def stats(self, request: Request, body: Any, key_name: str) -> dict[str, Any]:
+        return await build_report(self.server)
+
+
+def _api_off() -> ApiError:
+    return ApiError(404, "the HTTP API is off: no [api] keys are configured")
+
+
+def _parse_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object")
+    try:
+        document = messages.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_kind(document)}")
+    return document
+
+
+class _Fields:
+    """Typed access to a request object's fields; unknown fields are refused (typos)."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.seen: set[str] = set()
+
+    def string(self, name: str) -> str:
+        self.seen.add(name)
+        value = self.document.get(name)
+        if value is None:
+            raise ApiError(400, f'field "{name}" is required')
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, f'field "{name}" must be a non-empty string, not {_kind(value)}')
+        return value
+
+    def object(self, name: str) -> dict[str, Any]:
+        """An object field; absent means {} (phoenix.js needs an object payload)."""
+        self.seen.add(name)
+        value = self.document.get(name, {})
+        if not isinstance(value, dict):
+            raise ApiError(400, f'field "{name}" must be a JSON object, not {_kind(value)}')
+        return value
+
+    def done(self) -> None:
+        for name in self.document:
+            if name not in self.seen:
+                raise ApiError(400, f'unknown field "{name}"')
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+async def _drain_and_close(sock: socket.socket) -> None:
+    """Half-close and read what the client still sends (bounded), so that closing does
+    not reset the connection before the client has read our answer."""
+    shutdown(sock, socket.SHUT_WR)
+    received = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            while received < LINGER_BYTES:
+                data = await recv_some(sock)
+                if not data:
+                    break
+                received += len(data)
+        except OSError:
+            pass

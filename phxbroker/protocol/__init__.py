@@ -1,0 +1,1 @@
+"""The wire, sans-io: Phoenix messages and serializers, websocket frames, close codes."""

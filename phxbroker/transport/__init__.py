@@ -1,0 +1,1 @@
+"""The I/O edge clients meet: sockets, TLS, HTTP, admission, websocket and long-poll."""

@@ -1,0 +1,166 @@
+"""Per-client limits, sans-io: connections per address and in total, message rate.
+
+`ConnectionCounter` counts open TCP connections on the listen port, per client address
+and in total; the front door asks it before serving a transport request. `TokenBucket`
+meters one connection's messages, and `over_rate` decides (and logs, and counts) what
+happens to a message it refused, the same way for every transport.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from phxbroker.broker.stats import Stats
+from phxbroker.config.settings import IPNetwork, LimitsConfig
+
+log = logging.getLogger("phxbroker.limits")
+
+RATE_LIMITED = {"reason": "rate limited"}  # the error reply to a message over the rate
+
+
+def client_address(remote: str) -> str:
+    """The address a client is counted under, from "host:port" / "[v6]:port".
+
+    IPv6 clients are counted per /64, the block one subscriber usually holds, so a
+    client cannot escape its limit by hopping between its own addresses; IPv4-mapped
+    IPv6 addresses count as the IPv4 address they carry.
+    """
+    host = remote_ip(remote)
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+def remote_ip(remote: str) -> str:
+    """The IP text of "host:port", "[v6]:port", "host" or "[v6]"."""
+    if remote.startswith("["):
+        return remote[1 : remote.find("]")]
+    host, sep, _ = remote.rpartition(":")
+    return host if sep and ":" not in host else remote
+
+
+def forwarded_client(remote: str, forwarded_for: str, trusted: tuple[IPNetwork, ...]) -> str | None:
+    """The client a trusted proxy speaks for, as "1.2.3.4" or "[2001:db8::1]", or None.
+
+    Only a peer inside `trusted` is believed. X-Forwarded-For lists each hop's client,
+    appended by each proxy, so the rightmost address that is not itself a trusted proxy
+    is the first one nobody could forge; anything left of it is the client's own say.
+    """
+    if not forwarded_for or not _inside(remote_ip(remote), trusted):
+        return None
+    for hop in reversed(forwarded_for.split(",")):
+        text = hop.strip()
+        try:
+            ip = ipaddress.ip_address(remote_ip(text) if text.startswith("[") else text)
+        except ValueError:
+            return None  # a garbled chain says nothing we can trust
+        if not _inside(str(ip), trusted):
+            return f"[{ip}]" if ip.version == 6 else str(ip)
+    return None
+
+
+def _inside(ip_text: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(ip_text.split("%")[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+class ConnectionCounter:
+    """Open connections in total and per client address."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_address: dict[str, int] = {}
+
+    def opened(self, address: str) -> None:
+        self.total += 1
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+
+    def moved(self, old: str, new: str) -> None:
+        """Count an open connection under another address (the client behind a proxy)."""
+        if old != new:
+            self.closed(old)
+            self.opened(new)
+
+    def closed(self, address: str) -> None:
+        self.total -= 1
+        left = self.per_address.get(address, 0) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
+
+    def problem(self, address: str, limits: LimitsConfig) -> tuple[int, str, str] | None:
+        """(HTTP status, refusal reason, sentence) when a connection from `address`, itself
+        already counted, is one too many; None when it may be served."""
+        per_address = limits.max_connections_per_ip
+        count = self.per_address.get(address, 0)
+        if per_address and count > per_address:
+            return (
+                429,
+                "too_many_connections_per_ip",
+                f"{count} connections from {address} (limit {per_address})",
+            )
+        if limits.max_connections and self.total > limits.max_connections:
+            return (
+                503,
+                "too_many_connections",
+                f"{self.total} connections open (limit {limits.max_connections})",
+            )
+        return None
+
+
+class TokenBucket:
+    """A connection's message allowance: `burst` messages at once, refilled at `rate` per
+    second. `refused` counts messages refused since the last one accepted."""
+
+    __slots__ = ("burst", "rate", "refused", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+        self.refused = 0
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False (and `refused` grows) when none is left."""
+        tokens = self.tokens
+        if now != self.stamp:
+            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if tokens >= 1:
+            self.tokens = tokens - 1
+            self.refused = 0
+            return True
+        self.tokens = tokens
+        self.refused += 1
+        return False
+
+
+def over_rate(peer: object, bucket: TokenBucket, stats: Stats, close_after: int) -> bool:
+    """Account for a message `bucket` refused: True when the connection must now be closed
+    (more than `close_after` refused in a row), else it gets an error reply RATE_LIMITED.
+    Logs the start of an episode and the close, once each; counts every refusal."""
+    stats.count_refusal("rate_limited")
+    if close_after and bucket.refused > close_after:
+        stats.count_refusal("rate_limit_close")
+        log.info("closing %s: %d messages in a row over the rate limit", peer, bucket.refused)
+        return True
+    if bucket.refused == 1:
+        log.info(
+            "rate limiting %s: over %g messages per second (burst %d)",
+            peer,
+            bucket.rate,
+            bucket.burst,
+        )
+    return False

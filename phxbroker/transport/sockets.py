@@ -1,0 +1,98 @@
+"""Non-blocking socket plumbing shared by every connection: the hub that batches writes.
+
+Peers append ready-made bytes to their own outbox and register as dirty; whoever finishes
+a batch of work (the broker after its commands, a connection after its read) calls
+`SocketHub.flush()`, which writes each dirty outbox with one non-blocking `send`. So a
+broadcast costs a list append per subscriber, and frames queued for one connection in the
+same batch leave in one write. Only a connection whose socket is full gets a task of its
+own, which waits until the socket is writable again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from phxbroker.broker.stats import Stats
+
+log = logging.getLogger("phxbroker.sockets")
+
+RECV_SIZE = 65536
+
+
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class SocketHub:
+    """What all socket connections share: the dirty list, a coarse clock, stats."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.dirty: list[Flushable] = []
+        self.now = trio.current_time() if _in_trio() else 0.0
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Where write-drain tasks for full sockets are started."""
+        self._nursery = nursery
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is None:
+            raise RuntimeError("SocketHub.attach() was not called")
+        self._nursery.start_soon(fn)
+
+    def flush(self) -> None:
+        """Write out every outbox that received bytes since the last flush."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for peer in dirty:
+                peer.flush()
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def recv_some(sock: socket.socket, size: int = RECV_SIZE) -> bytes:
+    """Read what is available (b"" at end of stream); raises OSError on a broken socket."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    """Write everything, waiting for the socket when it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket other tasks may be waiting on (they get ClosedResourceError)."""
+    if sock.fileno() < 0:
+        return
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """shutdown() that ignores a socket the peer already dropped."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
