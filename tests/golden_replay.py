@@ -27,7 +27,7 @@ from trio_websocket import (
 )
 
 from phxbroker.config.settings import parse_config
-from phxbroker.daemon.server import Server
+from phxbroker.daemon.assembly import Daemon
 
 TRANSCRIPTS = Path(
     os.environ.get("PHXBROKER_TRANSCRIPTS", Path(__file__).parent / "golden" / "transcripts")
@@ -66,7 +66,7 @@ async def serve(config_toml: str):
     data = tomllib.loads(config_toml)
     data.setdefault("admin", {}).setdefault("socket", "")
     config = parse_config(data, "<golden config>")
-    server = Server(config)
+    server = Daemon(config)
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(server.serve)
         yield server, port

@@ -18,7 +18,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from phxbroker.auth.bans import Bans, parse_duration
 from phxbroker.cli.control_client import AdminClient, DaemonUnreachable
 from phxbroker.config.settings import parse_config
-from phxbroker.daemon.server import Server, StartupError
+from phxbroker.daemon.assembly import Daemon, StartupError
 from phxbroker.ops import control_protocol
 from phxbroker.ops.control_protocol import AdminError, AdminProtocolError, LineBuffer
 
@@ -209,7 +209,7 @@ async def test_a_second_daemon_on_the_same_socket_is_refused(tmp_path: Path) -> 
     async with serve(config_with_socket(path)):
         import tomllib
 
-        second = Server(parse_config(tomllib.loads(config_with_socket(path)), "<second>"))
+        second = Daemon(parse_config(tomllib.loads(config_with_socket(path)), "<second>"))
         with pytest.raises(StartupError, match=f"another phxbroker is already serving {path}"):
             await second.serve()
         assert (await call(path, "stats"))["connections"] == 0  # the first one is untouched
@@ -220,7 +220,7 @@ async def test_a_file_in_the_way_is_never_removed(tmp_path: Path) -> None:
     path.write_text("precious")
     import tomllib
 
-    server = Server(parse_config(tomllib.loads(config_with_socket(path)), "<cfg>"))
+    server = Daemon(parse_config(tomllib.loads(config_with_socket(path)), "<cfg>"))
     with pytest.raises(StartupError, match="exists and is not a socket"):
         await server.serve()
     assert path.read_text() == "precious"

@@ -120,7 +120,7 @@ async def test_a_client_that_does_not_read_its_answer_is_dropped() -> None:
             for n in range(9):  # 9 MB of replies queued for the session
                 frame = json.dumps(["1", str(n), "room:a", "ping", {"pad": pad}]).encode()
                 assert (await client.request("POST", poll, frame)).json() == {"status": 200}
-            (session,) = server.longpoll.sessions.values()
+            (session,) = server.longpoll_sessions.sessions.values()
 
         stubborn = socket.socket()
         stubborn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

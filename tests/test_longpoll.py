@@ -18,6 +18,8 @@ from golden_replay import serve
 from support.http_client import HttpClient, Response, fetch
 from trio_websocket import open_websocket_url
 
+from phxbroker.transport.admission import Refusal
+
 CONFIG = """
 [server]
 listen = "127.0.0.1:0"
@@ -119,7 +121,7 @@ async def test_the_auth_token_header_authenticates_and_a_missing_token_is_refuse
         header = {"x-phoenix-authtoken": "bob-token"}
         opened = await fetch(port, "GET", f"{LP}?vsn=2.0.0&", headers=header)
         assert opened.json()["status"] == 410
-        (session,) = server.longpoll.sessions.values()
+        (session,) = server.longpoll_sessions.sessions.values()
         assert session.user == "bob"
 
 
@@ -148,7 +150,7 @@ async def test_a_forged_or_unknown_session_token_never_reaches_a_session() -> No
         assert gone.json() == {"status": 410}
         fresh = await open_session(client, session_url(forged))
         assert fresh != token
-        assert len(server.longpoll.sessions) == 2
+        assert len(server.longpoll_sessions.sessions) == 2
 
 
 async def test_preflight_and_unknown_methods() -> None:
@@ -177,9 +179,11 @@ async def test_an_unsupported_vsn_or_a_refused_origin_is_403() -> None:
 
         def check_origin(request):
             asked.append(request.method)
-            return "not allowed" if request.header("origin") == "https://evil.test" else None
+            if request.header("origin") == "https://evil.test":
+                return Refusal(403, "origin", "not allowed")
+            return None
 
-        server.check_origin = check_origin
+        server.admission.check_origin = check_origin
         evil = {"origin": "https://evil.test"}
         assert (await client.request("GET", CONNECT, headers=evil)).json() == {"status": 403}
         refused_post = await client.request("POST", session_url(token), b"[]", evil)
@@ -262,7 +266,7 @@ async def test_messages_wait_for_the_next_poll_when_a_client_leaves_mid_poll() -
     async with serve(config(window_ms=30_000)) as (server, port):
         async with await HttpClient.open(port) as leaving:
             token = await open_session(leaving)
-            (session,) = server.longpoll.sessions.values()
+            (session,) = server.longpoll_sessions.sessions.values()
             await leaving.send_request("GET", session_url(token))
             await wait_until(lambda: session.polling == 1)
         # The held poll notices its client is gone and gives the session back.
@@ -290,7 +294,7 @@ async def test_a_session_without_polls_expires_and_its_presence_leaves() -> None
                     if frame[3] == "presence_diff" and "alice" in frame[4]["leaves"]:
                         break
         assert server.stats.longpoll_open == 0
-        assert not server.longpoll.sessions
+        assert not server.longpoll_sessions.sessions
         async with await HttpClient.open(port) as client:
             assert await open_session(client, session_url(token)) != token
 
@@ -302,9 +306,9 @@ async def test_a_disconnected_user_gets_410_on_its_held_poll_then_a_new_session(
     ):
         token = await open_session(client)
         await client.send_request("GET", session_url(token))
-        (session,) = server.longpoll.sessions.values()
+        (session,) = server.longpoll_sessions.sessions.values()
         await wait_until(lambda: session.polling == 1)
-        await server.commands.send((server.broker.disconnect_user, ("alice",)))
+        await server.broker_task.tell(server.broker.disconnect_user, "alice")
         gone = await client.read_response()
         assert gone.json() == {"status": 410, "token": token, "messages": []}
         assert server.stats.longpoll_open == 0
@@ -320,7 +324,7 @@ async def test_a_session_ended_between_polls_answers_the_next_one_with_410() -> 
         await HttpClient.open(port) as client,
     ):
         token = await open_session(client)
-        await server.commands.send((server.broker.disconnect_user, ("alice",)))
+        await server.broker_task.tell(server.broker.disconnect_user, "alice")
         await wait_until(lambda: server.stats.longpoll_open == 0)
         gone = await client.request("GET", session_url(token))
         assert gone.json() == {"status": 410, "token": token, "messages": []}
@@ -381,7 +385,7 @@ async def test_shutdown_answers_held_polls_and_refuses_new_sessions() -> None:
     ):
         token = await open_session(client)
         await client.send_request("GET", session_url(token))
-        (session,) = server.longpoll.sessions.values()
+        (session,) = server.longpoll_sessions.sessions.values()
         await wait_until(lambda: session.polling == 1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.shutdown)

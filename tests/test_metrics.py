@@ -179,7 +179,7 @@ async def test_readyz_fails_while_the_broker_does_not_answer(
     async with serve(CONFIG) as (server, port), await HttpClient.open(port) as client:
         assert (await client.request("GET", "/readyz")).status == 200
         # A broker task that stopped taking commands: nothing reads this channel.
-        server.commands, _unread = trio.open_memory_channel(0)
+        server.broker_task._commands, _unread = trio.open_memory_channel(0)
         readyz = await client.request("GET", "/readyz")
         assert (readyz.status, readyz.body) == (
             503,

@@ -34,7 +34,7 @@ async def test_each_forwarded_client_gets_its_own_connection_limit(caplog) -> No
             open_websocket_url(url, extra_headers=forwarded("203.0.113.7")),
             open_websocket_url(url, extra_headers=forwarded("198.51.100.2")),
         ):
-            assert server.open_connections.per_address == {"203.0.113.7": 1, "198.51.100.2": 1}
+            assert server.admission.connections.per_address == {"203.0.113.7": 1, "198.51.100.2": 1}
             try:
                 async with open_websocket_url(url, extra_headers=forwarded("203.0.113.7")):
                     raise AssertionError("a second connection for 203.0.113.7 was accepted")
@@ -48,7 +48,7 @@ async def test_without_trusted_proxies_the_header_is_ignored() -> None:
     async with serve(CONFIG.format(proxies="trusted_proxies = []")) as (server, port):
         url = URL.format(port=port)
         async with open_websocket_url(url, extra_headers=forwarded("203.0.113.7")):
-            assert server.open_connections.per_address == {"127.0.0.1": 1}
+            assert server.admission.connections.per_address == {"127.0.0.1": 1}
             with trio.fail_after(5):
                 try:
                     async with open_websocket_url(url, extra_headers=forwarded("198.51.100.2")):

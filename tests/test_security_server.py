@@ -15,7 +15,7 @@ from support.phoenix_token_mint import mint
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from phxbroker.config.settings import load_config
-from phxbroker.daemon.server import Server
+from phxbroker.daemon.assembly import Daemon
 
 JWT_SECRET = "in-process-jwt-secret-0123456789abcdef"
 SKB = "in-process-secret-key-base-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -71,10 +71,10 @@ async def rejected(port: int, token: str, **headers: str) -> int:
     return refused.value.status_code
 
 
-async def until_closed(server: Server) -> None:
+async def until_closed(server: Daemon) -> None:
     """Wait until the server has seen every client connection close."""
     with trio.fail_after(TIMEOUT):
-        while server.open_connections.total:
+        while server.admission.connections.total:
             await trio.sleep(0.01)
 
 
@@ -165,7 +165,7 @@ async def test_a_reload_that_rotates_the_jwt_secret_closes_only_sockets_it_admit
     config_file.write_text(
         CONFIG.replace('secret_env = "PHX_JWT_SECRET"', 'secret_file = "jwt.secret"')
     )
-    server = Server(load_config(config_file))
+    server = Daemon(load_config(config_file))
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(server.serve)
         async with (

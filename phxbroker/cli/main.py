@@ -15,7 +15,7 @@ from phxbroker.cli import admin, tokens
 from phxbroker.cli.common import OneSentenceGroup, config_option, fail
 from phxbroker.config.settings import load_config, parse_listen
 from phxbroker.config.table import ConfigError
-from phxbroker.daemon.server import Server, StartupError, tune_garbage_collector
+from phxbroker.daemon.assembly import Daemon, StartupError, tune_garbage_collector
 from phxbroker.ops import logs
 
 EXIT_BAD_CONFIG = 2  # also what click uses for bad usage; systemd shows it as INVALIDARGUMENT
@@ -46,10 +46,10 @@ def serve(config_path: Path, listen: str | None) -> None:
             fail(f"--listen: {exc}", EXIT_BAD_CONFIG)
     logs.setup(config.log, secret_params=[config.auth.token_param])
     log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
-    server = Server(config, listen_override=listen_override)
+    daemon = Daemon(config, listen_override=listen_override)
     try:
         tune_garbage_collector()
-        trio.run(server.serve)
+        trio.run(daemon.serve)
     except StartupError as exc:
         fail(str(exc))
     except SystemExit:

@@ -8,7 +8,8 @@ Every request needs `Authorization: Bearer <key>` with a key from [api] keys (or
 tokens file). Keys are kept as SHA-256 digests and found by a dictionary lookup of the
 digest of what was sent, so response timing tells nothing about a stored key. Without any
 key configured the API is off. Every answer is JSON; an error is {"error": "<sentence>"}.
-Broker state is only changed through the broker task (`Server.ask`).
+While the daemon drains for shutdown, calls that would act on clients answer 503
+{"error": "draining"}: a broadcast acknowledged then would reach nobody.
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ import hashlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from phxbroker.ops.report import build_report
+from phxbroker.broker.stats import Stats
+from phxbroker.config.settings import ApiConfig
 from phxbroker.protocol import messages
 from phxbroker.transport.http import BadRequest, HttpConnection, Request
 from phxbroker.transport.sockets import recv_some, shutdown
-
-if TYPE_CHECKING:
-    from phxbroker.config.settings import ApiConfig
-    from phxbroker.daemon.server import Server
 
 log = logging.getLogger("phxbroker.api")
 
@@ -52,37 +50,59 @@ class ApiError(Exception):
 
 
 Endpoint = Callable[[Request, Any, str], Awaitable[dict[str, Any]]]
+Handler = Callable[[HttpConnection, Request], Awaitable[None]]
 
 
-def install(server: Server) -> Api:
-    """Register the API's routes on the server's front door."""
-    api = Api(server)
-    for method, path, endpoint, has_body in (
-        ("POST", "/api/broadcast", api.broadcast, True),
-        ("POST", "/api/disconnect", api.disconnect, True),
-        ("GET", "/api/stats", api.stats, False),
-    ):
-        server.frontdoor.route(method, path, api.handler(endpoint, has_body))
-    server.frontdoor.fallback(PREFIX, api.not_routed)
-    return api
+class ApiBackend(Protocol):
+    """What the API does to the running broker."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def publish(self, topic: str, event: str, payload: dict[str, Any]) -> int: ...
+
+    async def disconnect_user(self, user: str) -> int: ...
+
+    async def report(self) -> dict[str, Any]: ...
 
 
 class Api:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self._keys_for: ApiConfig | None = None
+    """The API's endpoints; `routes()` lists them for the route table."""
+
+    def __init__(
+        self,
+        config: ApiConfig,
+        backend: ApiBackend,
+        stats: Stats,
+        methods_at: Callable[[str], list[str]],
+    ) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.methods_at = methods_at  # the route table's methods for a path (405s)
         self._keys: dict[bytes, str] = {}
+        self.configure(config)
+
+    def configure(self, config: ApiConfig) -> None:
+        """Answer with a (reloaded) `[api]` config: its keys and body limit."""
+        self.config = config
+        self._keys = {key.sha256: key.name for key in config.keys}
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path, handler) of every endpoint; `not_routed` takes the rest of /api/."""
+        return [
+            ("POST", "/api/broadcast", self.handler(self.broadcast, has_body=True)),
+            ("POST", "/api/disconnect", self.handler(self.disconnect, has_body=True)),
+            ("GET", "/api/stats", self.handler(self.stats_report, has_body=False)),
+        ]
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def handler(
-        self, endpoint: Endpoint, has_body: bool
-    ) -> Callable[[HttpConnection, Request], Awaitable[None]]:
+    def handler(self, endpoint: Endpoint, *, has_body: bool) -> Handler:
         async def handle(conn: HttpConnection, request: Request) -> None:
             body_read = False
             try:
                 key_name = self.authorize(request)
-                limit = self.server.config.api.max_body_size
+                limit = self.config.max_body_size
                 declared = request.header("content-length")
                 if declared and int(declared.split(",")[0]) > limit:
                     raise ApiError(
@@ -109,10 +129,10 @@ class Api:
 
     async def not_routed(self, conn: HttpConnection, request: Request) -> None:
         """404 or 405 for a path under /api/ that no route takes."""
-        if not self.server.config.api.keys:
+        if not self.config.keys:
             error = _api_off()
         else:
-            methods = self.server.frontdoor.routes.get(request.path)
+            methods = self.methods_at(request.path)
             if methods:
                 allowed = ", ".join(sorted(methods))
                 error = ApiError(
@@ -134,12 +154,8 @@ class Api:
 
     def authorize(self, request: Request) -> str:
         """The name of the key the request carries; ApiError 401 (or 404 if the API is off)."""
-        cfg = self.server.config.api
-        if not cfg.keys:
+        if not self.config.keys:
             raise _api_off()
-        if self._keys_for is not cfg:  # the config was reloaded
-            self._keys = {key.sha256: key.name for key in cfg.keys}
-            self._keys_for = cfg
         scheme, _, key = request.header("authorization").strip().partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
@@ -150,7 +166,7 @@ class Api:
             )
         name = self._keys.get(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
         if name is None:
-            self.server.stats.count_refusal("api_key")
+            self.stats.count_refusal("api_key")
             log.info("refused API request from %s: the API key is not recognised", request.remote)
             raise ApiError(
                 401,
@@ -169,8 +185,8 @@ class Api:
         fields.done()
         if event.startswith("phx_"):
             raise ApiError(400, f'field "event" must not start with "phx_" (got {event!r})')
-        server = self.server
-        reached = await server.ask(server.broker.publish, topic, event, payload)
+        _refuse_while_draining(self.backend)
+        reached = await self.backend.publish(topic, event, payload)
         log.debug("API key %s broadcast %s to %s: %d subscribers", key_name, event, topic, reached)
         return {"ok": True, "subscribers": reached}
 
@@ -178,13 +194,18 @@ class Api:
         fields = _Fields(body)
         user = fields.string("user")
         fields.done()
-        server = self.server
-        closed = await server.ask(server.broker.disconnect_user, user)
+        _refuse_while_draining(self.backend)
+        closed = await self.backend.disconnect_user(user)
         log.info("API key %s disconnected user %r: %d connections", key_name, user, closed)
         return {"ok": True, "connections": closed}
 
-    async def stats(self, request: Request, body: Any, key_name: str) -> dict[str, Any]:
-        return await build_report(self.server)
+    async def stats_report(self, request: Request, body: Any, key_name: str) -> dict[str, Any]:
+        return await self.backend.report()
+
+
+def _refuse_while_draining(backend: ApiBackend) -> None:
+    if backend.draining:
+        raise ApiError(503, "draining")
 
 
 def _api_off() -> ApiError:

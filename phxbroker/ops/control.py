@@ -2,8 +2,9 @@
 
 Created with mode [admin] mode (0600 by default) and served only to root and the
 daemon's own user, checked with SO_PEERCRED on every connection whatever the file mode.
-The protocol is control_protocol.py's; this module does the I/O and runs the commands, changing
-broker state only through the broker task (`Server.ask`).
+The protocol is control_protocol.py's; this module does the I/O and runs the commands
+through the daemon's operations (`Operator`), which change broker state only in the
+broker task.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
+from phxbroker.config.settings import AdminConfig
 from phxbroker.ops import control_protocol
 from phxbroker.ops.control_protocol import AdminProtocolError, LineBuffer
-from phxbroker.ops.report import build_report
 from phxbroker.protocol import close_codes
-
-if TYPE_CHECKING:
-    from phxbroker.daemon.server import Server
 
 log = logging.getLogger("phxbroker.admin")
 
@@ -38,24 +36,52 @@ class ControlSocketError(Exception):
     """The control socket cannot be created; one sentence for the operator."""
 
 
+class Operator(Protocol):
+    """What the CLI's commands do to the running daemon."""
+
+    @property
+    def config_path(self) -> Path | None: ...
+
+    async def report(self) -> dict[str, Any]: ...
+
+    async def topics(self) -> list[dict[str, Any]]: ...
+
+    async def users(self) -> list[dict[str, Any]]: ...
+
+    def active_bans(self) -> dict[str, float]: ...
+
+    async def publish(self, topic: str, event: str, payload: dict[str, Any]) -> int: ...
+
+    async def kick(self, user: str, topic: str) -> int: ...
+
+    async def disconnect_user(self, user: str, code: int, reason: str) -> int: ...
+
+    def ban(self, user: str, seconds: float) -> None: ...
+
+    def unban(self, user: str) -> bool: ...
+
+    async def reload(self) -> str | None:
+        """None once the re-read config is in force, else why it was refused."""
+        ...
+
+
 class ControlSocket:
     """The listening admin socket and the commands it serves."""
 
-    def __init__(self, server: Server, sock: socket.socket, path: Path) -> None:
-        self.server = server
+    def __init__(self, operator: Operator, sock: socket.socket, path: Path) -> None:
+        self.operator = operator
         self.path = path
         self._sock = sock
         self._inode = os.stat(path).st_ino
 
     @classmethod
-    def open(cls, server: Server) -> ControlSocket | None:
+    def open(cls, cfg: AdminConfig, operator: Operator) -> ControlSocket | None:
         """Bind the socket [admin] names; None when there is none.
 
         A configured path that cannot be used raises ControlSocketError; the default path
         only disables the socket, with a warning (e.g. a development run without
         /run/phxbroker).
         """
-        cfg = server.config.admin
         if cfg.socket is None:
             return None
         try:
@@ -65,7 +91,7 @@ class ControlSocket:
                 raise
             log.warning("no admin control socket, so the CLI cannot reach this daemon: %s", exc)
             return None
-        return cls(server, sock, cfg.socket)
+        return cls(operator, sock, cfg.socket)
 
     def close(self) -> None:
         """Stop listening and remove the socket file (unless another daemon replaced it)."""
@@ -141,38 +167,36 @@ class ControlSocket:
     # -- commands ------------------------------------------------------------------------
 
     async def do_stats(self) -> dict[str, Any]:
-        return await build_report(self.server)
+        return await self.operator.report()
 
     async def do_topics(self) -> list[dict[str, Any]]:
-        topics = await self.server.ask(self.server.broker.topic_summary)
+        topics = await self.operator.topics()
         return sorted(topics, key=lambda t: (-t["subscribers"], t["topic"]))
 
     async def do_users(self) -> dict[str, Any]:
-        users = await self.server.ask(self.server.broker.user_summary)
+        users = await self.operator.users()
         users.sort(key=lambda u: u["user"])
-        bans = self.server.bans.active()
+        bans = self.operator.active_bans()
         return {"users": users, "bans": {u: round(left, 1) for u, left in sorted(bans.items())}}
 
     async def do_kick(
         self, user: str, topic: str | None = None, reason: str = "", ban: float | None = None
     ) -> dict[str, Any]:
-        server = self.server
+        operator = self.operator
         if len(reason.encode()) > MAX_CLOSE_REASON:
             raise CommandError(f"the reason must fit a close frame: {MAX_CLOSE_REASON} bytes")
         if topic is not None:
             if ban is not None:
                 raise CommandError("a ban refuses connects, so it cannot be limited to a topic")
-            removed = await server.ask(server.broker.kick, user, topic)
+            removed = await operator.kick(user, topic)
             log.info("admin: removed user %r from %s (%d channels)", user, topic, removed)
             return {"removed": removed}
         if ban is not None:
             if ban <= 0:
                 raise CommandError("the ban must last a positive number of seconds")
             # Before closing: phoenix.js is back within milliseconds and must meet the ban.
-            server.bans.ban(user, ban)
-        closed = await server.ask(
-            server.broker.disconnect_user, user, close_codes.GOING_AWAY, reason or "kicked"
-        )
+            operator.ban(user, ban)
+        closed = await operator.disconnect_user(user, close_codes.GOING_AWAY, reason or "kicked")
         log.info(
             "admin: kicked user %r (%d connections)%s",
             user,
@@ -182,7 +206,7 @@ class ControlSocket:
         return {"closed": closed, "banned_for": ban}
 
     async def do_unban(self, user: str) -> dict[str, Any]:
-        lifted = self.server.bans.lift(user)
+        lifted = self.operator.unban(user)
         if lifted:
             log.info("admin: lifted the ban on user %r", user)
         return {"lifted": lifted}
@@ -192,19 +216,17 @@ class ControlSocket:
     ) -> dict[str, Any]:
         if event.startswith("phx_"):
             raise CommandError(f"event {event!r} is reserved by the protocol (phx_*)")
-        server = self.server
-        reached = await server.ask(server.broker.publish, topic, event, payload or {})
+        reached = await self.operator.publish(topic, event, payload or {})
         return {"subscribers": reached}
 
     async def do_reload(self) -> dict[str, Any]:
-        server = self.server
-        path = server.config.path
+        path = self.operator.config_path
         if path is None:
             raise CommandError("the daemon was started without a config file to reload")
         # The daemon logs a refusal and tells systemd, whichever way the reload was asked for.
-        if not await server.reload():
-            raise CommandError(f"reload refused, the running config is kept: {server.reload_error}")
-        await server.ask(lambda: None)  # the broker has applied it (its queue is in order)
+        refused = await self.operator.reload()
+        if refused is not None:
+            raise CommandError(f"reload refused, the running config is kept: {refused}")
         return {"path": str(path)}
 
 

@@ -7,49 +7,54 @@ promptly (a broker stuck behind a full queue is not ready for more clients).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import trio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from phxbroker.transport.http import HttpConnection, Request
-
-if TYPE_CHECKING:
-    from phxbroker.daemon.server import Server
 
 BROKER_ANSWER_TIMEOUT = 2.0
 NO_STORE = [("cache-control", "no-store")]
 
+Handler = Callable[[HttpConnection, Request], Awaitable[None]]
 
-def install_health(server: Server) -> None:
-    """Serve /healthz and /readyz on the server's front door."""
 
-    async def healthz(conn: HttpConnection, request: Request) -> None:
+class Liveness(Protocol):
+    """What readiness looks at."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def answers_within(self, seconds: float) -> bool: ...
+
+
+class Health:
+    """`/healthz` and `/readyz`; `routes()` lists them for the route table."""
+
+    def __init__(self, daemon: Liveness) -> None:
+        self.daemon = daemon
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [("GET", "/healthz", self.healthz), ("GET", "/readyz", self.readyz)]
+
+    async def healthz(self, conn: HttpConnection, request: Request) -> None:
         await conn.read_body(request, 0)
         await conn.respond(200, b"ok\n", content_type="text/plain", headers=NO_STORE)
 
-    async def readyz(conn: HttpConnection, request: Request) -> None:
+    async def readyz(self, conn: HttpConnection, request: Request) -> None:
         await conn.read_body(request, 0)
-        problem = await readiness_problem(server)
+        problem = await self.readiness_problem()
         if problem is None:
             await conn.respond(200, b"ready\n", content_type="text/plain", headers=NO_STORE)
         else:
             body = f"not ready: {problem}\n".encode()
             await conn.respond(503, body, content_type="text/plain", headers=NO_STORE)
 
-    server.frontdoor.route("GET", "/healthz", healthz)
-    server.frontdoor.route("GET", "/readyz", readyz)
-
-
-async def readiness_problem(server: Server) -> str | None:
-    """Why the server should get no new clients now, or None when it should."""
-    if server.draining:
-        return "draining for shutdown"
-    answered = trio.Event()
-    with trio.move_on_after(BROKER_ANSWER_TIMEOUT):
-        await server.commands.send((answered.set, ()))
-        await answered.wait()
-    if not answered.is_set():
-        return f"the broker did not answer within {BROKER_ANSWER_TIMEOUT:g} s"
-    if server.draining:
-        return "draining for shutdown"
-    return None
+    async def readiness_problem(self) -> str | None:
+        """Why the daemon should get no new clients now, or None when it should."""
+        if self.daemon.draining:
+            return "draining for shutdown"
+        if not await self.daemon.answers_within(BROKER_ANSWER_TIMEOUT):
+            return f"the broker did not answer within {BROKER_ANSWER_TIMEOUT:g} s"
+        if self.daemon.draining:
+            return "draining for shutdown"
+        return None

@@ -8,8 +8,8 @@ standard process metrics (memory, CPU, open file descriptors).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -20,10 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from phxbroker.broker.stats import Stats
 from phxbroker.transport.http import HttpConnection, Request
-
-if TYPE_CHECKING:
-    from phxbroker.daemon.server import Server
 
 PREFIX = "phxbroker_"
 NO_STORE = [("cache-control", "no-store")]
@@ -51,15 +49,31 @@ COUNTERS = (
 )
 
 
-class StatsCollector:
-    """Reads the server's counters at scrape time."""
+Handler = Callable[[HttpConnection, Request], Awaitable[None]]
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+
+class QueueStatistics(Protocol):
+    current_buffer_used: int
+    tasks_waiting_send: int
+
+
+class Observed(Protocol):
+    """What the metrics read, at scrape time, beyond the counters."""
+
+    def queue_statistics(self) -> QueueStatistics: ...
+
+    def topic_count(self) -> int: ...
+
+
+class StatsCollector:
+    """Reads the daemon's counters at scrape time."""
+
+    def __init__(self, stats: Stats, observed: Observed) -> None:
+        self.stats = stats
+        self.observed = observed
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        stats = server.stats
+        stats = self.stats
 
         open_now = GaugeMetricFamily(
             PREFIX + "open_connections", "Connections open now.", labels=["transport"]
@@ -86,7 +100,7 @@ class StatsCollector:
             refusals.add_metric([reason], count)
         yield refusals
 
-        queue = server.commands.statistics()
+        queue = self.observed.queue_statistics()
         yield GaugeMetricFamily(
             PREFIX + "broker_queue_depth",
             "Commands waiting for the broker task.",
@@ -98,7 +112,9 @@ class StatsCollector:
             value=queue.tasks_waiting_send,
         )
         yield GaugeMetricFamily(
-            PREFIX + "topics", "Topics with subscribers or state.", value=len(server.broker.topics)
+            PREFIX + "topics",
+            "Topics with subscribers or state.",
+            value=self.observed.topic_count(),
         )
 
         batches = stats.broker_batches
@@ -115,24 +131,25 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def metrics_registry(server: Server) -> CollectorRegistry:
-    """A registry holding this server's metrics and the process metrics."""
+def metrics_registry(stats: Stats, observed: Observed) -> CollectorRegistry:
+    """A registry holding the daemon's metrics and the process metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(server))
+    registry.register(StatsCollector(stats, observed))
     ProcessCollector(registry=registry)
     return registry
 
 
-def install_metrics(server: Server) -> None:
-    """Serve GET /metrics unless [metrics] enabled = false."""
-    if not server.config.metrics.enabled:
-        return
-    registry = metrics_registry(server)
+class Metrics:
+    """`GET /metrics`; `routes()` lists it for the route table (none when disabled)."""
 
-    async def metrics(conn: HttpConnection, request: Request) -> None:
+    def __init__(self, stats: Stats, observed: Observed) -> None:
+        self.registry = metrics_registry(stats, observed)
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        return [("GET", "/metrics", self.metrics)]
+
+    async def metrics(self, conn: HttpConnection, request: Request) -> None:
         await conn.read_body(request, 0)
         encode, content_type = choose_encoder(request.header("accept"))
-        body = encode(registry)
+        body = encode(self.registry)
         await conn.respond(200, body, content_type=content_type, headers=NO_STORE)
-
-    server.frontdoor.route("GET", "/metrics", metrics)

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from phxbroker import __version__
 
 if TYPE_CHECKING:
+    from phxbroker.auth.bans import Bans
     from phxbroker.broker.core import Broker
-    from phxbroker.daemon.server import Server
+    from phxbroker.broker.stats import Stats
 
 TOP_TOPICS = 20  # topics listed in a report; `phxbroker topics` lists them all
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -40,10 +41,10 @@ def broker_view(broker: Broker) -> dict[str, Any]:
     }
 
 
-async def build_report(server: Server) -> dict[str, Any]:
-    """A consistent snapshot: broker figures are taken between two broker batches."""
-    view = await server.ask(broker_view, server.broker)
-    counters = server.stats.snapshot()
+def assemble_report(view: dict[str, Any], stats: Stats, bans: Bans) -> dict[str, Any]:
+    """The report from a `broker_view` (taken in the broker task, between two batches),
+    the counters and the bans."""
+    counters = stats.snapshot()
     uptime = counters.pop("uptime")
     counters.pop("started_at", None)
     return {
@@ -53,6 +54,6 @@ async def build_report(server: Server) -> dict[str, Any]:
         "rss_bytes": rss_bytes(),
         "connections": counters["connections_open"],  # every transport
         **view,
-        "bans": {user: round(left, 1) for user, left in server.bans.active().items()},
+        "bans": {user: round(left, 1) for user, left in bans.active().items()},
         "counters": counters,
     }

@@ -1,20 +1,29 @@
-"""Per-client limits, sans-io: connections per address and in total, message rate.
+"""Who may become a client, and how much a client may send: the same for every transport.
 
-`ConnectionCounter` counts open TCP connections on the listen port, per client address
-and in total; the front door asks it before serving a transport request. `TokenBucket`
-meters one connection's messages, and `over_rate` decides (and logs, and counts) what
-happens to a message it refused, the same way for every transport.
+`Admission` runs the checks a connect passes before the client becomes a broker peer:
+the connection limits (per client address and in total, over TCP connections on the
+listen port), the browser's Origin, the serializer version and the credential. A refusal
+is one `Refusal`, counted by reason and logged once, never with the token.
+
+`TokenBucket` meters one connection's messages, and `over_rate` decides (and logs, and
+counts) what happens to a message it refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass
 
+from phxbroker.auth.authenticator import Authenticator, Identity, Refused
+from phxbroker.auth.origin import origin_problem
 from phxbroker.broker.stats import Stats
-from phxbroker.config.settings import IPNetwork, LimitsConfig
+from phxbroker.config.settings import IPNetwork, LimitsConfig, ServerConfig
+from phxbroker.protocol.serializers import Serializer, serializer_for
+from phxbroker.transport.http import Request
 
 log = logging.getLogger("phxbroker.limits")
+refusals_log = logging.getLogger("phxbroker.http")
 
 RATE_LIMITED = {"reason": "rate limited"}  # the error reply to a message over the rate
 
@@ -117,6 +126,103 @@ class ConnectionCounter:
                 f"{self.total} connections open (limit {limits.max_connections})",
             )
         return None
+
+
+class Refusal(Exception):
+    """A refused connect: the HTTP status to answer, a short reason for counters, and one
+    sentence for the log."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A connect that passed every check: how to speak to the client, and who it is."""
+
+    serializer: Serializer
+    identity: Identity
+
+
+class Admission:
+    """The connect checks, in Phoenix's order, for the websocket and long-poll transports."""
+
+    def __init__(
+        self,
+        stats: Stats,
+        authenticator: Authenticator,
+        server: ServerConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.stats = stats
+        self.connections = ConnectionCounter()  # TCP connections on the listen port
+        self.configure(authenticator, server, limits)
+
+    def configure(
+        self, authenticator: Authenticator, server: ServerConfig, limits: LimitsConfig
+    ) -> None:
+        """Check new connects against a (reloaded) config."""
+        self.authenticator = authenticator
+        self.server = server
+        self.limits = limits
+
+    def over_limit(self, request: Request) -> Refusal | None:
+        """The refusal when the connection carrying this request is one too many."""
+        problem = self.connections.problem(client_address(request.remote), self.limits)
+        if problem is None:
+            return None
+        return Refusal(*problem)
+
+    def check_origin(self, request: Request) -> Refusal | None:
+        """The refusal when the request's Origin is not allowed (Phoenix's check_origin)."""
+        cfg = self.server
+        problem = origin_problem(
+            request.headers.get("origin"),
+            cfg.check_origin,
+            host=cfg.host,
+            request_scheme="https" if cfg.tls_context is not None else "http",
+            request_host=request.header("host"),
+        )
+        return None if problem is None else Refusal(403, "origin", problem)
+
+    def admit(self, params: dict[str, str], header_token: str | None = None) -> Admitted:
+        """The serializer the `vsn` param asks for and the client's identity; raises
+        Refusal (403) for an unsupported version or a refused credential."""
+        serializer = serializer_for(params.get("vsn"))
+        if serializer is None:
+            raise Refusal(403, "bad_vsn", f"unsupported vsn {params.get('vsn')!r}")
+        try:
+            identity = self.authenticator.authenticate(params, header_token)
+        except Refused as exc:
+            if exc.reason != "banned":
+                self.stats.auth_failures += 1
+            raise Refusal(403, exc.reason, str(exc)) from None
+        return Admitted(serializer, identity)
+
+    def refused(self, refusal: Refusal, request: Request, what: str = "connect") -> None:
+        """Count and log a refusal (`what` says which kind of connect it was)."""
+        self.stats.count_refusal(refusal.reason)
+        refusals_log.info(
+            "refused %s from %s on %s: %s", what, request.remote, request.path, refusal
+        )
+
+    def attribute(self, request: Request, counted: list[str] | None) -> None:
+        """Behind a trusted proxy the client is the one X-Forwarded-For names: it is what
+        logs show and what the per-address limit counts. `counted` holds the address the
+        connection is counted under and follows the client."""
+        forwarded = request.header("x-forwarded-for")
+        if not forwarded:
+            return
+        client = forwarded_client(request.remote, forwarded, self.server.trusted_proxies)
+        if client is None:
+            return
+        request.remote = client
+        if counted is not None:
+            address = client_address(client)
+            self.connections.moved(counted[0], address)
+            counted[0] = address
 
 
 class TokenBucket:

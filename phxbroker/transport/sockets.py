@@ -19,6 +19,7 @@ from typing import Protocol
 import trio
 
 from phxbroker.broker.stats import Stats
+from phxbroker.config.settings import LimitsConfig, ServerConfig
 
 log = logging.getLogger("phxbroker.sockets")
 
@@ -30,13 +31,25 @@ class Flushable(Protocol):
 
 
 class SocketHub:
-    """What all socket connections share: the dirty list, a coarse clock, stats."""
+    """What all client connections share: the dirty list, a coarse clock, stats and the
+    per-connection limits (read on the hot path, so plain attributes)."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(
+        self, stats: Stats, server: ServerConfig | None = None, limits: LimitsConfig | None = None
+    ) -> None:
         self.stats = stats
         self.dirty: list[Flushable] = []
         self.now = trio.current_time() if _in_trio() else 0.0
         self._nursery: trio.Nursery | None = None
+        self.configure(server or ServerConfig(), limits or LimitsConfig())
+
+    def configure(self, server: ServerConfig, limits: LimitsConfig) -> None:
+        """Apply (reloaded) limits; connections opened before keep their own buckets."""
+        self.outbox_limit = server.outbox_limit
+        self.max_frame_size = server.max_frame_size
+        self.message_rate = limits.message_rate
+        self.message_burst = limits.message_burst
+        self.rate_limit_close_after = limits.rate_limit_close_after
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where write-drain tasks for full sockets are started."""

@@ -15,11 +15,13 @@ import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from phxbroker.protocol import close_codes, messages
+from phxbroker.broker.gateway import BrokerGateway
+from phxbroker.protocol import close_codes
 from phxbroker.protocol.frames import OP_BINARY, OP_PONG, OP_TEXT, close_frame, encode_frame
-from phxbroker.protocol.messages import ProtocolError
+from phxbroker.protocol.messages import HEARTBEAT_TOPIC, ProtocolError
 from phxbroker.protocol.serializers import Serializer
-from phxbroker.transport.admission import RATE_LIMITED, TokenBucket, over_rate
+from phxbroker.transport.admission import TokenBucket
+from phxbroker.transport.inbound import ClientHandler, Inbound
 from phxbroker.transport.sockets import RECV_SIZE, SocketHub, close_socket, shutdown
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ class WebSocketPeer:
     """A connected websocket client as the broker sees it, with its outbox."""
 
     transport = "websocket"
+    answers_in_order = False  # heartbeats and refusals are answered by the reader at once
 
     __slots__ = (
         "blocked",
@@ -194,9 +197,13 @@ class WebSocketPeer:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def run(
-        self, commands: trio.MemorySendChannel[Any], handle: Any, trailing_data: bytes = b""
-    ) -> None:
+    def answer_heartbeat(self, ref: Any) -> None:
+        """Reply to a heartbeat at once, ahead of the broker's queue: phoenix.js's
+        long-poll fallback races the first heartbeat reply of a fresh websocket."""
+        self.hub.stats.messages_in += 1  # the broker counts the messages it handles itself
+        self.send(self.serializer.encode_reply(None, ref, HEARTBEAT_TOPIC, "ok", {}))
+
+    async def run(self, inbound: Inbound, trailing_data: bytes = b"") -> None:
         """Read until the connection ends; client messages go to the broker in order."""
         ws = Connection(ConnectionType.SERVER)
         hub = self.hub
@@ -229,7 +236,7 @@ class WebSocketPeer:
                         payload = parts[0] if len(parts) == 1 else type(parts[0])().join(parts)
                         parts.clear()
                         size = 0
-                        await self._on_message(payload, commands, handle)
+                        await self._on_message(payload, inbound)
                     elif isinstance(event, Ping):
                         self._write(encode_frame(OP_PONG, event.payload))
                     elif isinstance(event, CloseConnection) and self.state == OPEN:
@@ -252,44 +259,71 @@ class WebSocketPeer:
             if not data:
                 return
 
-    async def _on_message(
-        self, payload: str | bytes, commands: trio.MemorySendChannel[Any], handle: Any
-    ) -> None:
-        stats = self.hub.stats
+    async def _on_message(self, payload: str | bytes, inbound: Inbound) -> None:
         try:
             if isinstance(payload, str):
-                msg = self.serializer.decode_text(payload)
+                msg = inbound.decode(self, payload)
             else:
-                msg = self.serializer.decode_binary(payload)
-        except ProtocolError as exc:
-            stats.protocol_errors += 1
-            log.info("closing %s: %s", self, exc)
+                msg = inbound.decode_binary(self, payload)
+        except ProtocolError:
             self.close(close_codes.INTERNAL_ERROR)
             return
-        bucket = self.bucket
-        if bucket is not None and not bucket.take(self.hub.now):
-            stats.messages_in += 1  # it never reaches the broker
-            self._rate_limited(msg, bucket)
-            return
-        if msg.event == messages.HEARTBEAT and msg.topic == messages.HEARTBEAT_TOPIC:
-            stats.messages_in += 1  # the broker counts the messages it handles itself
-            self.send(self.serializer.encode_reply(None, msg.ref, msg.topic, "ok", {}))
-            return
-        await commands.send((handle, (self, msg)))
-
-    def _rate_limited(self, msg: messages.Message, bucket: TokenBucket) -> None:
-        """Answer a message over the rate limit with an error reply, or close the
-        connection when too many in a row were refused."""
-        hub = self.hub
-        if over_rate(self, bucket, hub.stats, hub.rate_limit_close_after):
-            self.close(close_codes.POLICY_VIOLATION, "rate limited")
-            return
-        self.send(
-            self.serializer.encode_reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
-        )
+        await inbound.forward(self, msg)
 
     def finish(self) -> None:
         """Release the socket once the read loop has ended."""
         self.state = CLOSED
         self.pending = []
         close_socket(self.sock)
+
+
+class WebSockets:
+    """The daemon's live websocket clients, from upgrade until their socket is released."""
+
+    def __init__(
+        self, gateway: BrokerGateway, broker: ClientHandler, inbound: Inbound, hub: SocketHub
+    ) -> None:
+        self.gateway = gateway
+        self.broker = broker
+        self.inbound = inbound
+        self.hub = hub
+        self.live: set[WebSocketPeer] = set()
+        self.draining = False  # set once shutdown began: newcomers are sent away at once
+        self._all_closed = trio.Event()
+
+    async def run(self, peer: WebSocketPeer, trailing_data: bytes) -> None:
+        """Serve an upgraded connection until it ends, registered with the broker."""
+        stats = self.hub.stats
+        stats.connections_total += 1
+        stats.connections_open += 1
+        self.live.add(peer)
+        log.debug("connected %s", peer)
+        if self.draining:  # upgraded after the drain began: send it elsewhere at once
+            peer.close(close_codes.GOING_AWAY, "server shutting down")
+        try:
+            await self.gateway.tell(self.broker.connect, peer)
+            await peer.run(self.inbound, trailing_data)
+        finally:
+            self.live.discard(peer)
+            if not self.live:
+                self._all_closed.set()
+            stats.connections_open -= 1
+            self.gateway.tell_soon(self.broker.disconnect, peer)
+            peer.finish()
+            log.debug("disconnected %s", peer)
+
+    def sweep(self, now: float, idle_after: float, closing_grace: float) -> None:
+        """Close clients silent for `idle_after` seconds (1002, as Bandit), and cut those
+        that have not answered our close frame within `closing_grace`."""
+        for peer in list(self.live):
+            if peer.state == OPEN and now - peer.last_rx > idle_after:
+                log.info("closing %s: nothing received for %g s", peer, idle_after)
+                peer.close(close_codes.IDLE_TIMEOUT)
+            elif peer.state == CLOSING and now - peer.closing_since > closing_grace:
+                peer.abort()
+
+    async def wait_all_closed(self) -> None:
+        """Return once no websocket client is left."""
+        while self.live:
+            self._all_closed = trio.Event()
+            await self._all_closed.wait()

@@ -1,0 +1,79 @@
+"""The listen port's route table: which handler answers which request.
+
+Built once, by the daemon's assembly. Under every socket path (`[server] socket_paths`)
+a request is first checked against the connection limits (429 per client address, 503 in
+total), then handed to the client transport its sub-path names (`/websocket`,
+`/longpoll`). Other paths are exact routes (`/healthz`, `/api/broadcast`, ...) or fall to
+a prefix handler that answers its own 404 and 405 (`/api/`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from phxbroker.transport.admission import Admission
+from phxbroker.transport.http import HttpConnection, Request
+
+# A handler reads the request's body and responds itself; it returns True only when it
+# took the connection over (a websocket upgrade).
+Handler = Callable[[HttpConnection, Request], Awaitable[bool | None]]
+
+
+class Router:
+    """Routes requests to handlers; `dispatch` serves one request."""
+
+    def __init__(self, admission: Admission, socket_paths: tuple[str, ...]) -> None:
+        self.admission = admission
+        self.socket_paths = socket_paths
+        self._routes: dict[str, dict[str, Handler]] = {}
+        self._transports: dict[str, Handler] = {}
+        self._prefixes: list[tuple[str, Handler]] = []
+
+    def route(self, method: str, path: str, handler: Handler) -> None:
+        """Serve `method path` with `handler`."""
+        self._routes.setdefault(path, {})[method] = handler
+
+    def transport(self, subpath: str, handler: Handler) -> None:
+        """Serve `<socket path><subpath>` for every socket path, whatever the method."""
+        self._transports[subpath] = handler
+
+    def prefix(self, prefix: str, handler: Handler) -> None:
+        """Serve requests under `prefix` that no route takes."""
+        self._prefixes.append((prefix, handler))
+
+    def methods(self, path: str) -> list[str]:
+        """The methods routed at `path` (for a 405's Allow header)."""
+        return sorted(self._routes.get(path, ()))
+
+    async def dispatch(self, conn: HttpConnection, request: Request) -> bool:
+        """Answer one request; True when the connection was taken over (upgraded)."""
+        path = request.path
+        for base in self.socket_paths:
+            if not path.startswith(base + "/"):
+                continue
+            refusal = self.admission.over_limit(request)
+            if refusal is not None:
+                self.admission.refused(refusal, request)
+                await conn.respond(refusal.status, close=True)
+                return False
+            transport = self._transports.get(path[len(base) :])
+            if transport is not None:
+                return bool(await transport(conn, request))
+        handlers = self._routes.get(path)
+        if handlers is None or request.method not in handlers:
+            for prefix, fallback in self._prefixes:
+                if path.startswith(prefix):
+                    await fallback(conn, request)
+                    return False
+        if handlers is None:
+            await conn.respond(404, b"not found\n", content_type="text/plain")
+        elif request.method not in handlers:
+            await conn.respond(
+                405,
+                b"method not allowed\n",
+                content_type="text/plain",
+                headers=[("allow", ", ".join(sorted(handlers)))],
+            )
+        else:
+            await handlers[request.method](conn, request)
+        return False
