@@ -27,6 +27,7 @@ serve: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: $(VENV)/.installed $(E2E)/node_modules/.installed .system-packages lint
 	$(BIN)/pytest

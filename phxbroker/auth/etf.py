@@ -176,7 +176,7 @@ class _Reader:
     def unpack(self, fmt: str, what: str) -> int:
         size = struct.calcsize(fmt)
         (value,) = struct.unpack(fmt, self.take(size, what))
-        return value
+        return int(value)
 
     def count(self, fmt: str, what: str, min_bytes_each: int) -> int:
         """Read a length field and refuse one the remaining input cannot possibly hold."""

@@ -35,7 +35,7 @@ _FAMILY_BY_ALGORITHM.update(dict.fromkeys(HMAC_ALGORITHMS, "HMAC"))
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
 _MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MIN_RSA_BITS = 2048
-_PUBLIC_KEY_TYPES = {
+_PUBLIC_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "RSA": (rsa.RSAPublicKey,),
     "EC": (ec.EllipticCurvePublicKey,),
     "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),

@@ -236,7 +236,7 @@ def _check_age(signed_at: int, max_age: Any, now_ms: int | None) -> None:
 
 
 def _is_infinite(max_age: Any) -> bool:
-    return max_age == "infinity" or max_age == math.inf
+    return bool(max_age == "infinity" or max_age == math.inf)
 
 
 def user_id_from_data(data: Any, *, key: str | None = "id") -> str:

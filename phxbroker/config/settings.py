@@ -219,7 +219,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def _parse_server(t: Table) -> ServerConfig:
     d = ServerConfig()
-    listen = t.str("listen", DEFAULT_LISTEN)
+    listen = t.string("listen", DEFAULT_LISTEN)
     try:
         host, port = parse_listen(listen)
     except ValueError as exc:
@@ -234,13 +234,13 @@ def _parse_server(t: Table) -> ServerConfig:
         listen_host=host,
         listen_port=port,
         socket_paths=paths,
-        max_frame_size=t.int("max_frame_size", d.max_frame_size, minimum=256),
+        max_frame_size=t.integer("max_frame_size", d.max_frame_size, minimum=256),
         idle_timeout=t.number("idle_timeout", d.idle_timeout, minimum=0.1),
-        outbox_limit=t.int("outbox_limit", d.outbox_limit, minimum=4096),
-        max_channels=t.int("max_channels", d.max_channels, minimum=1),
+        outbox_limit=t.integer("outbox_limit", d.outbox_limit, minimum=4096),
+        max_channels=t.integer("max_channels", d.max_channels, minimum=1),
         handshake_timeout=t.number("handshake_timeout", d.handshake_timeout, minimum=0.1),
-        max_header_size=t.int("max_header_size", d.max_header_size, minimum=1024),
-        host=t.str("host", d.host).lower(),
+        max_header_size=t.integer("max_header_size", d.max_header_size, minimum=1024),
+        host=t.string("host", d.host).lower(),
         check_origin=_check_origin(t),
         trusted_proxies=_trusted_proxies(t),
         drain_timeout=t.number("drain_timeout", d.drain_timeout, minimum=0),
@@ -277,8 +277,8 @@ def _check_origin(t: Table) -> origin.OriginPolicy:
 
 
 def _tls(t: Table) -> dict[str, Any]:
-    cert = t.str("tls_cert", "")
-    key = t.str("tls_key", "")
+    cert = t.string("tls_cert", "")
+    key = t.string("tls_key", "")
     if not cert and not key:
         return {}
     if not cert or not key:
@@ -293,11 +293,11 @@ def _tls(t: Table) -> dict[str, Any]:
 
 def _parse_auth(t: Table, base: Path) -> AuthConfig:
     d = AuthConfig()
-    tokens_file = t.str("tokens_file", "")
+    tokens_file = t.string("tokens_file", "")
     cfg = AuthConfig(
-        token_param=t.str("token_param", d.token_param),
-        user_param=t.str("user_param", d.user_param),
-        allow_anonymous=t.bool("allow_anonymous", d.allow_anonymous),
+        token_param=t.string("token_param", d.token_param),
+        user_param=t.string("user_param", d.user_param),
+        allow_anonymous=t.boolean("allow_anonymous", d.allow_anonymous),
         tokens=_parse_tokens(t),
         tokens_file=(base / tokens_file).absolute() if tokens_file else None,
     )
@@ -312,7 +312,7 @@ def _parse_auth(t: Table, base: Path) -> AuthConfig:
 def _parse_tokens(t: Table) -> tuple[TokenEntry, ...]:
     tokens = []
     for entry in t.tables("tokens"):
-        user = entry.str("user", "")
+        user = entry.string("user", "")
         if not user:
             raise entry.error("user", 'is required (a user name, or "*" for a shared secret)')
         tokens.append(TokenEntry(user=user, sha256=_secret_digest(entry, "token")))
@@ -322,8 +322,8 @@ def _parse_tokens(t: Table) -> tuple[TokenEntry, ...]:
 
 def _secret_digest(entry: Table, name: str) -> bytes:
     """The SHA-256 of a secret given as `<name>` (in clear) or `<name>_sha256` (hex)."""
-    secret = entry.str(name, "")
-    hexdigest = entry.str(f"{name}_sha256", "")
+    secret = entry.string(name, "")
+    hexdigest = entry.string(f"{name}_sha256", "")
     if bool(secret) == bool(hexdigest):
         raise entry.error(name, f'give exactly one of "{name}" or "{name}_sha256"')
     if secret:
@@ -341,7 +341,7 @@ def _parse_api(t: Table) -> ApiConfig:
     d = ApiConfig()
     cfg = ApiConfig(
         keys=_parse_api_keys(t),
-        max_body_size=t.int("max_body_size", d.max_body_size, minimum=64),
+        max_body_size=t.integer("max_body_size", d.max_body_size, minimum=64),
     )
     t.done()
     return cfg
@@ -350,7 +350,7 @@ def _parse_api(t: Table) -> ApiConfig:
 def _parse_api_keys(t: Table) -> tuple[ApiKey, ...]:
     keys = []
     for entry in t.tables("keys"):
-        name = entry.str("name", "")
+        name = entry.string("name", "")
         if not name:
             raise entry.error("name", "is required (it names the key in logs)")
         keys.append(ApiKey(name=name, sha256=_secret_digest(entry, "key")))
@@ -361,11 +361,11 @@ def _parse_api_keys(t: Table) -> tuple[ApiKey, ...]:
 def _parse_admin(t: Table, base: Path) -> AdminConfig:
     d = AdminConfig()
     configured = t.has("socket")
-    text = t.str("socket", DEFAULT_ADMIN_SOCKET)
+    text = t.string("socket", DEFAULT_ADMIN_SOCKET)
     socket = (base / text).absolute() if text else None
     if socket is not None and len(str(socket).encode()) > MAX_UNIX_PATH:
         raise t.error("socket", f"the path is longer than {MAX_UNIX_PATH} bytes: {socket}")
-    mode = t.int("mode", d.mode, minimum=0)
+    mode = t.integer("mode", d.mode, minimum=0)
     if mode > 0o777:
         raise t.error("mode", "must be at most 0o777 (write it in octal, e.g. 0o600)")
     t.done()
@@ -378,7 +378,7 @@ _STATUS_FIELDS = ("users", "user_count", "hits", "msgs")
 
 
 def _parse_topic(t: Table) -> TopicRule:
-    pattern_text = t.str("pattern", "")
+    pattern_text = t.string("pattern", "")
     if not pattern_text:
         raise t.error("pattern", 'is required (e.g. "all", "room:*" or "users:{user}")')
     try:
@@ -404,7 +404,7 @@ def _parse_topic(t: Table) -> TopicRule:
     if not isinstance(join_reply, dict):
         raise t.error("join_reply", "expected a table")
 
-    unhandled = t.str("unhandled", "error")
+    unhandled = t.string("unhandled", "error")
     if unhandled not in _UNHANDLED:
         raise t.error("unhandled", 'expected "error", "ignore" or "crash"')
 
@@ -419,18 +419,18 @@ def _parse_topic(t: Table) -> TopicRule:
         relay=frozenset(t.str_list("relay")),
         echo=frozenset(t.str_list("echo")),
         count=frozenset(t.str_list("count")),
-        presence=t.bool("presence", False),
+        presence=t.boolean("presence", False),
         presence_meta=t.str_list("presence_meta"),
         presence_update=frozenset(t.str_list("presence_update")),
-        history=t.int("history", 0, minimum=0),
-        status_event=t.str("status_event", ""),
+        history=t.integer("history", 0, minimum=0),
+        status_event=t.string("status_event", ""),
         status_fields=status_fields,
-        status_on_join=t.bool("status_on_join", True),
-        coalesce_ms=t.int("coalesce_ms", 50, minimum=0),
+        status_on_join=t.boolean("status_on_join", True),
+        coalesce_ms=t.integer("coalesce_ms", 50, minimum=0),
         join_reply=join_reply,
-        relay_user_key=t.str("relay_user_key", ""),
-        relay_binary=t.bool("relay_binary", True),
-        ack=t.bool("ack", False),
+        relay_user_key=t.string("relay_user_key", ""),
+        relay_binary=t.boolean("relay_binary", True),
+        ack=t.boolean("ack", False),
         unhandled=unhandled,
     )
     if rule.presence_update and not rule.presence:
@@ -451,10 +451,10 @@ def _parse_topic(t: Table) -> TopicRule:
 
 
 def _parse_log(t: Table) -> LogConfig:
-    level = t.str("level", "info").lower()
+    level = t.string("level", "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise t.error("level", 'expected "debug", "info", "warning" or "error"')
-    log_format = t.str("format", "text").lower()
+    log_format = t.string("format", "text").lower()
     if log_format not in {"text", "json"}:
         raise t.error("format", 'expected "text" or "json"')
     t.done()
@@ -464,9 +464,9 @@ def _parse_log(t: Table) -> LogConfig:
 def _parse_longpoll(t: Table) -> LongPollConfig:
     d = LongPollConfig()
     cfg = LongPollConfig(
-        enabled=t.bool("enabled", d.enabled),
-        window_ms=t.int("window_ms", d.window_ms, minimum=10),
-        max_post_size=t.int("max_post_size", d.max_post_size, minimum=1024),
+        enabled=t.boolean("enabled", d.enabled),
+        window_ms=t.integer("window_ms", d.window_ms, minimum=10),
+        max_post_size=t.integer("max_post_size", d.max_post_size, minimum=1024),
     )
     t.done()
     return cfg
@@ -475,17 +475,21 @@ def _parse_longpoll(t: Table) -> LongPollConfig:
 def _parse_limits(t: Table) -> LimitsConfig:
     d = LimitsConfig()
     cfg = LimitsConfig(
-        max_connections=t.int("max_connections", d.max_connections, minimum=0),
-        max_connections_per_ip=t.int("max_connections_per_ip", d.max_connections_per_ip, minimum=0),
+        max_connections=t.integer("max_connections", d.max_connections, minimum=0),
+        max_connections_per_ip=t.integer(
+            "max_connections_per_ip", d.max_connections_per_ip, minimum=0
+        ),
         message_rate=t.number("message_rate", d.message_rate, minimum=0),
-        message_burst=t.int("message_burst", d.message_burst, minimum=1),
-        rate_limit_close_after=t.int("rate_limit_close_after", d.rate_limit_close_after, minimum=0),
+        message_burst=t.integer("message_burst", d.message_burst, minimum=1),
+        rate_limit_close_after=t.integer(
+            "rate_limit_close_after", d.rate_limit_close_after, minimum=0
+        ),
     )
     t.done()
     return cfg
 
 
 def _parse_metrics(t: Table) -> MetricsConfig:
-    cfg = MetricsConfig(enabled=t.bool("enabled", MetricsConfig().enabled))
+    cfg = MetricsConfig(enabled=t.boolean("enabled", MetricsConfig().enabled))
     t.done()
     return cfg

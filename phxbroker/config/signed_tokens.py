@@ -50,7 +50,7 @@ def parse_jwt(t: Table) -> SignedTokenConfig:
     try:
         verifier = JwtVerifier(
             algorithms=algorithms,
-            user_claim=t.str("user_claim", "sub"),
+            user_claim=t.string("user_claim", "sub"),
             leeway=t.number("leeway", 0, minimum=0),
             issuer=_one_or_list(t, "issuer"),
             audience=_one_or_list(t, "audience"),
@@ -73,12 +73,12 @@ def parse_phoenix_token(t: Table) -> SignedTokenConfig:
             f"secret_key_base is {len(secret_key_base)} bytes; at least {MIN_SECRET_KEY_BASE} "
             "are required (`mix phx.gen.secret` makes 64)",
         )
-    salt = t.str("salt", DEFAULT_SALT)
+    salt = t.string("salt", DEFAULT_SALT)
     verifier = PhoenixTokenVerifier(
         secret_key_base=secret_key_base,
         salt=salt,
-        max_age=t.int("max_age", DEFAULT_MAX_AGE, minimum=1),
-        user_key=t.str("user_key", "id") or None,
+        max_age=t.integer("max_age", DEFAULT_MAX_AGE, minimum=1),
+        user_key=t.string("user_key", "id") or None,
     )
     t.done()
     return SignedTokenConfig(
@@ -102,7 +102,7 @@ def read_secret(t: Table, name: str, what: str) -> bytes:
         if not secret:
             raise t.error(file_key, "the file is empty")
         return secret
-    var = t.str(env_key, "")
+    var = t.string(env_key, "")
     if not var:
         raise t.error(env_key, "must name an environment variable")
     value = os.environ.get(var)
@@ -115,7 +115,7 @@ def read_secret(t: Table, name: str, what: str) -> bytes:
 
 def read_file(t: Table, name: str) -> bytes:
     """The contents of the file the key `name` names (relative to the config file)."""
-    text = t.str(name, "")
+    text = t.string(name, "")
     if not text:
         raise t.error(name, "is required")
     path = config_relative(t, text)

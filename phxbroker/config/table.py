@@ -46,7 +46,7 @@ class Table:
     def has(self, name: str) -> bool:
         return name in self._data
 
-    def str(self, name: str, default: str) -> str:
+    def string(self, name: str, default: str) -> str:
         value = self._get(name)
         if value is None:
             return default
@@ -54,7 +54,7 @@ class Table:
             raise self.error(name, f"expected a string, got {_describe(value)}")
         return value
 
-    def int(self, name: str, default: int, *, minimum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
         value = self._get(name)
         if value is None:
             return default
@@ -74,7 +74,7 @@ class Table:
             raise self.error(name, f"must be at least {minimum}, got {value}")
         return float(value)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, default: bool) -> bool:
         value = self._get(name)
         if value is None:
             return default

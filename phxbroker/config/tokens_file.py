@@ -83,10 +83,12 @@ class TokensFile:
     # -- reading -------------------------------------------------------------------------
 
     def tokens(self) -> list[dict[str, Any]]:
-        return self.document.setdefault("auth", {}).setdefault("tokens", [])
+        tokens: list[dict[str, Any]] = self.document.setdefault("auth", {}).setdefault("tokens", [])
+        return tokens
 
     def api_keys(self) -> list[dict[str, Any]]:
-        return self.document.setdefault("api", {}).setdefault("keys", [])
+        keys: list[dict[str, Any]] = self.document.setdefault("api", {}).setdefault("keys", [])
+        return keys
 
     def entries(self) -> list[Entry]:
         """Every credential of the config: the main file's and this file's."""

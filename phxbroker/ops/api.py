@@ -26,7 +26,7 @@ from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import ApiConfig
 from phxbroker.protocol import messages
 from phxbroker.transport.http import BadRequest, HttpConnection, Request
-from phxbroker.transport.sockets import recv_some, shutdown
+from phxbroker.transport.sockets import ClientSocket, recv_some, shutdown
 
 log = logging.getLogger("phxbroker.api")
 
@@ -268,7 +268,7 @@ def _kind(value: Any) -> str:
     return "an object"
 
 
-async def _drain_and_close(sock: socket.socket) -> None:
+async def _drain_and_close(sock: ClientSocket) -> None:
     """Half-close and read what the client still sends (bounded), so that closing does
     not reset the connection before the client has read our answer."""
     shutdown(sock, socket.SHUT_WR)

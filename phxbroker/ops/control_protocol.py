@@ -60,7 +60,7 @@ def decode_request(line: bytes) -> AdminRequest:
         raise AdminProtocolError("a request must be a JSON object")
     command = document.get("command")
     spec = COMMANDS.get(command) if isinstance(command, str) else None
-    if spec is None:
+    if spec is None or not isinstance(command, str):
         raise AdminProtocolError(
             f"unknown command {command!r}; known: {', '.join(sorted(COMMANDS))}"
         )

@@ -51,10 +51,10 @@ class Health:
 
     async def readiness_problem(self) -> str | None:
         """Why the daemon should get no new clients now, or None when it should."""
+        # The drain may begin while the broker is asked, so it is looked at afterwards.
+        answered = self.daemon.draining or await self.daemon.answers_within(BROKER_ANSWER_TIMEOUT)
         if self.daemon.draining:
             return "draining for shutdown"
-        if not await self.daemon.answers_within(BROKER_ANSWER_TIMEOUT):
+        if not answered:
             return f"the broker did not answer within {BROKER_ANSWER_TIMEOUT:g} s"
-        if self.daemon.draining:
-            return "draining for shutdown"
         return None

@@ -53,8 +53,11 @@ Handler = Callable[[HttpConnection, Request], Awaitable[None]]
 
 
 class QueueStatistics(Protocol):
-    current_buffer_used: int
-    tasks_waiting_send: int
+    @property
+    def current_buffer_used(self) -> int: ...
+
+    @property
+    def tasks_waiting_send(self) -> int: ...
 
 
 class Observed(Protocol):

@@ -91,23 +91,29 @@ class V2Serializer(Serializer):
         join_ref, ref, topic, event = fields
         return Message(join_ref or None, ref or None, topic, event, bytes(data[end:]))
 
-    def encode_reply(self, join_ref, ref, topic, status, response):
+    def encode_reply(
+        self, join_ref: Any, ref: Any, topic: str, status: str, response: Any
+    ) -> tuple[bool, bytes]:
         if isinstance(response, bytes | bytearray):
             return True, _binary(1, (join_ref, ref, topic, status), response)
         payload = {"status": status, "response": response}
         return False, dumps([join_ref, ref, topic, PHX_REPLY, payload])
 
-    def encode_push(self, join_ref, topic, event, payload):
+    def encode_push(
+        self, join_ref: Any, topic: str, event: str, payload: Any
+    ) -> tuple[bool, bytes]:
         if isinstance(payload, bytes | bytearray):
             return True, _binary(0, (join_ref, topic, event), payload)
         return False, dumps([join_ref, None, topic, event, payload])
 
-    def encode_broadcast(self, topic, event, payload):
+    def encode_broadcast(self, topic: str, event: str, payload: Any) -> tuple[bool, bytes]:
         if isinstance(payload, bytes | bytearray):
             return True, _binary(2, (topic, event), payload)
         return False, dumps([None, None, topic, event, payload])
 
-    def encode_control(self, join_ref, topic, event, payload):
+    def encode_control(
+        self, join_ref: Any, topic: str, event: str, payload: Any
+    ) -> tuple[bool, bytes]:
         return False, dumps([join_ref, join_ref, topic, event, payload])
 
 
@@ -145,18 +151,24 @@ class V1Serializer(Serializer):
             raise EncodeError("the 1.0.0 protocol cannot carry binary payloads")
         return False, dumps({"topic": topic, "event": event, "payload": payload, "ref": ref})
 
-    def encode_reply(self, join_ref, ref, topic, status, response):
+    def encode_reply(
+        self, join_ref: Any, ref: Any, topic: str, status: str, response: Any
+    ) -> tuple[bool, bytes]:
         if isinstance(response, bytes | bytearray):
             raise EncodeError("the 1.0.0 protocol cannot carry binary payloads")
         return self._encode(topic, PHX_REPLY, {"status": status, "response": response}, ref)
 
-    def encode_push(self, join_ref, topic, event, payload):
+    def encode_push(
+        self, join_ref: Any, topic: str, event: str, payload: Any
+    ) -> tuple[bool, bytes]:
         return self._encode(topic, event, payload, None)
 
-    def encode_broadcast(self, topic, event, payload):
+    def encode_broadcast(self, topic: str, event: str, payload: Any) -> tuple[bool, bytes]:
         return self._encode(topic, event, payload, None)
 
-    def encode_control(self, join_ref, topic, event, payload):
+    def encode_control(
+        self, join_ref: Any, topic: str, event: str, payload: Any
+    ) -> tuple[bool, bytes]:
         return self._encode(topic, event, payload, join_ref)
 
 

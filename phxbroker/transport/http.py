@@ -8,14 +8,13 @@ status, such as 431 for oversized headers) and the connection is closed.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
 
-from phxbroker.transport.sockets import recv_some, send_all
+from phxbroker.transport.sockets import ClientSocket, recv_some, send_all
 
 REASONS = {
     101: b"Switching Protocols",
@@ -76,7 +75,7 @@ class HttpConnection:
     """One client connection in its HTTP phase (before any upgrade)."""
 
     def __init__(
-        self, sock: socket.socket, remote: str, *, max_header_size: int, timeout: float
+        self, sock: ClientSocket, remote: str, *, max_header_size: int, timeout: float
     ) -> None:
         self.sock = sock
         self.remote = remote

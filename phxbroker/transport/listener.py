@@ -20,7 +20,7 @@ from phxbroker.config.settings import ServerConfig
 from phxbroker.transport.admission import Admission, client_address
 from phxbroker.transport.http import BadRequest, HttpConnection
 from phxbroker.transport.router import Router
-from phxbroker.transport.sockets import close_socket
+from phxbroker.transport.sockets import ClientSocket, close_socket
 from phxbroker.transport.tls import TlsHandshakeError, TlsSocket
 
 log = logging.getLogger("phxbroker")
@@ -155,7 +155,7 @@ class Listener:
             return False
         return True
 
-    async def _serve_http(self, sock: socket.socket, remote: str, counted: list[str]) -> None:
+    async def _serve_http(self, sock: ClientSocket, remote: str, counted: list[str]) -> None:
         """Answer requests until the connection closes or is upgraded."""
         cfg = self.config
         conn = HttpConnection(

@@ -33,6 +33,7 @@ from phxbroker.transport.admission import Admission, Refusal
 from phxbroker.transport.http import HttpConnection, Request
 from phxbroker.transport.inbound import Inbound
 from phxbroker.transport.longpoll_sessions import LongPollSession, LongPollSessions
+from phxbroker.transport.sockets import ClientSocket
 
 log = logging.getLogger("phxbroker.longpoll")
 
@@ -214,7 +215,7 @@ class LongPoll:
         await conn.respond(200, body, content_type=JSON, headers=OPEN_HEADERS)
 
 
-async def _wait_unless_client_leaves(sock: socket.socket, session: LongPollSession) -> bool:
+async def _wait_unless_client_leaves(sock: ClientSocket, session: LongPollSession) -> bool:
     """Wait for news for the session; True if the client closed its connection first."""
     gone = False
     async with trio.open_nursery() as nursery:
@@ -231,7 +232,7 @@ async def _wait_unless_client_leaves(sock: socket.socket, session: LongPollSessi
     return gone
 
 
-async def _client_left(sock: socket.socket) -> bool:
+async def _client_left(sock: ClientSocket) -> bool:
     """Wait until the client closes its end (True) or sends more (False, e.g. pipelining)."""
     while True:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -24,6 +23,21 @@ from phxbroker.config.settings import LimitsConfig, ServerConfig
 log = logging.getLogger("phxbroker.sockets")
 
 RECV_SIZE = 65536
+
+
+class ClientSocket(Protocol):
+    """A connected non-blocking socket as the transports use it: a plain socket, or a
+    `TlsSocket` with the same surface and the same non-blocking semantics."""
+
+    def recv(self, size: int, flags: int = 0, /) -> bytes: ...
+
+    def send(self, data: bytes | memoryview, /) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Flushable(Protocol):
@@ -76,7 +90,7 @@ def _in_trio() -> bool:
     return True
 
 
-async def recv_some(sock: socket.socket, size: int = RECV_SIZE) -> bytes:
+async def recv_some(sock: ClientSocket, size: int = RECV_SIZE) -> bytes:
     """Read what is available (b"" at end of stream); raises OSError on a broken socket."""
     while True:
         try:
@@ -85,7 +99,7 @@ async def recv_some(sock: socket.socket, size: int = RECV_SIZE) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
-async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+async def send_all(sock: ClientSocket, data: bytes | memoryview) -> None:
     """Write everything, waiting for the socket when it is full."""
     view = memoryview(data)
     while view:
@@ -97,7 +111,7 @@ async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
         view = view[sent:]
 
 
-def close_socket(sock: socket.socket) -> None:
+def close_socket(sock: ClientSocket) -> None:
     """Close a socket other tasks may be waiting on (they get ClosedResourceError)."""
     if sock.fileno() < 0:
         return
@@ -105,7 +119,7 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def shutdown(sock: socket.socket, how: int) -> None:
+def shutdown(sock: ClientSocket, how: int) -> None:
     """shutdown() that ignores a socket the peer already dropped."""
     with contextlib.suppress(OSError):
         sock.shutdown(how)

@@ -89,9 +89,12 @@ class TlsSocket:
 
     # -- the socket surface --------------------------------------------------------------
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0, /) -> bytes:
         """Up to `size` bytes of plaintext; b"" at end of stream; BlockingIOError when
-        none can be had without waiting."""
+        none can be had without waiting. With MSG_PEEK it peeks at the raw socket, which
+        only tells whether the client has closed (b"") or sent more."""
+        if flags & socket.MSG_PEEK:
+            return self.raw.recv(size, flags)
         while True:
             try:
                 data = self._ssl.read(size)

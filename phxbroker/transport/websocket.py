@@ -22,7 +22,7 @@ from phxbroker.protocol.messages import HEARTBEAT_TOPIC, ProtocolError
 from phxbroker.protocol.serializers import Serializer
 from phxbroker.transport.admission import TokenBucket
 from phxbroker.transport.inbound import ClientHandler, Inbound
-from phxbroker.transport.sockets import RECV_SIZE, SocketHub, close_socket, shutdown
+from phxbroker.transport.sockets import RECV_SIZE, ClientSocket, SocketHub, close_socket, shutdown
 
 if TYPE_CHECKING:
     from phxbroker.broker.core import Broadcast, Channel
@@ -59,7 +59,7 @@ class WebSocketPeer:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: ClientSocket,
         hub: SocketHub,
         *,
         peer_id: int,
@@ -252,7 +252,7 @@ class WebSocketPeer:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
-                data = None
+                data = b""
                 continue
             except OSError:
                 return
