@@ -461,3 +461,107 @@ def test_reload_closes_channels_no_longer_allowed(broker: Broker) -> None:
     assert bob.take() == [["2", "2", "public", "phx_close", {}]]
     assert alice.take() == [["3", "3", "crashy", "phx_close", {}]]
     assert "public" in alice.channels and "crashy" not in alice.channels
+
+
+# -- seams: channels waiting for an outside answer, and the fanout ---------------------------
+
+
+def push(broker: Broker, peer: FakePeer, topic: str, event: str, ref: str, join_ref="1"):
+    broker.handle(peer, Message(join_ref, ref, topic, event, {"n": ref}))
+
+
+def test_a_waiting_channel_holds_its_messages_in_order_while_others_go_on(
+    broker: Broker,
+) -> None:
+    alice = connect(broker, "alice")
+    bob = connect(broker, "bob")
+    join(broker, alice, "public")
+    join(broker, alice, "room:a")
+    alice.take()
+    broker.defer(alice, "public")
+    assert broker.waiting(alice, "public")
+    push(broker, alice, "public", "anything", "2")
+    push(broker, alice, "public", "more", "3")
+    push(broker, alice, "room:a", "ping", "4")  # another channel of the same socket
+    join(broker, bob, "public", "9")  # another socket, same topic
+    assert [f[1] for f in alice.take()] == ["4"]
+    assert [f[1] for f in bob.take()] == ["9"]
+    broker.resume(alice, "public")
+    assert not broker.waiting(alice, "public")
+    assert [(f[1], f[4]["status"]) for f in alice.take()] == [("2", "error"), ("3", "error")]
+
+
+def test_a_held_message_that_waits_again_keeps_the_rest_behind_it(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "public")
+    alice.take()
+    broker.defer(alice, "public")
+    for ref in ("2", "3", "4"):
+        push(broker, alice, "public", "again" if ref == "3" else "other", ref)
+    original = broker._dispatch
+
+    def dispatch(peer: Any, msg: Message) -> None:
+        original(peer, msg)
+        if msg.event == "again":
+            broker.defer(peer, msg.topic)
+
+    broker._dispatch = dispatch  # type: ignore[method-assign]
+    broker.resume(alice, "public")
+    assert [f[1] for f in alice.take()] == ["2", "3"]
+    assert broker.waiting(alice, "public")
+    broker.resume(alice, "public")
+    assert [f[1] for f in alice.take()] == ["4"]
+
+
+def test_a_disconnect_drops_what_a_waiting_channel_held(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    broker.defer(alice, "public")
+    join(broker, alice, "public")
+    broker.disconnect(alice)
+    assert not broker.waiting(alice, "public")
+    broker.resume(alice, "public")  # an answer arriving late changes nothing
+    assert alice.take() == []
+
+
+class RecordingFanout:
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def broadcast(self, broadcast: Broadcast) -> None:
+        self.seen.append(("broadcast", broadcast.topic, broadcast.event, broadcast.payload))
+
+    def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        self.seen.append(("disconnect", user, code, reason))
+
+    def kick(self, user: str, topic: str) -> None:
+        self.seen.append(("kick", user, topic))
+
+    def presence_changed(self, topic: str, key: str, joined: Any, left: Any) -> None:
+        self.seen.append(
+            ("presence", topic, key, joined and joined["phx_ref"], left and left["phx_ref"])
+        )
+
+
+def test_every_broadcast_disconnect_kick_and_presence_change_reaches_the_fanout(
+    broker: Broker,
+) -> None:
+    fanout = broker.fanout = RecordingFanout()
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:a", payload={"status": "in"})
+    (_, _, _, first, _) = fanout.seen.pop()
+    assert fanout.seen == [] and first
+    broker.handle(alice, Message("1", "2", "room:a", "set_status", {"status": "away"}))
+    (kind, topic, key, joined, left) = fanout.seen.pop()
+    assert (kind, topic, key, left) == ("presence", "room:a", "alice", first) and joined
+    broker.handle(alice, Message("1", "3", "room:a", "new_msg", {"body": "hi"}))
+    assert fanout.seen.pop() == ("broadcast", "room:a", "new_msg", {"body": "hi", "user": "alice"})
+    # A topic without subscribers here may have some on another node.
+    assert broker.publish("room:elsewhere", "news", {"a": 1}) == 0
+    assert fanout.seen.pop() == ("broadcast", "room:elsewhere", "news", {"a": 1})
+    broker.kick("bob", "room:a")
+    assert fanout.seen.pop() == ("kick", "bob", "room:a")
+    broker.disconnect_user("alice", 1001, "bye")
+    assert fanout.seen == [
+        ("presence", "room:a", "alice", None, joined),
+        ("disconnect", "alice", 1001, "bye"),
+    ]

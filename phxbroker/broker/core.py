@@ -1,13 +1,23 @@
 """The broker: the one owner of topics, subscriptions, presence, counters and users.
 
 Sans-io. Connections (any transport) implement `Peer`; the broker calls their `send`,
-`deliver` and `close` and never awaits. In the daemon a single task (`run_broker` in
-server.py) feeds it commands from a memory channel, so nothing else mutates its state;
-tests drive it directly with fake peers.
+`deliver` and `close` and never awaits. In the daemon a single task (`BrokerTask` in
+daemon/runtime.py) feeds it commands from a memory channel, so nothing else mutates its
+state; tests drive it directly with fake peers.
 
 A broadcast is encoded once per serializer (`Broadcast`) and the same bytes go to every
 subscriber. Anything sent to every subscriber because one changed (presence diffs, the
 status map) is coalesced per topic per `coalesce_ms`, so N joins cost O(N) messages.
+
+Two seams reach beyond this process:
+
+* every message broadcast (a relayed push, the API, the CLI), every disconnect of a user
+  and every presence change takes one path each (`publish`, `disconnect_user`,
+  `_presence_changed`), which also tells the broker's `Fanout`: nobody by default, the
+  other nodes of a cluster when there are some;
+* a channel may wait for an answer from outside (the app's back end): `defer` holds its
+  later messages, in order, while the broker serves everyone else, and `resume` hands
+  them on once the answer has been applied.
 """
 
 from __future__ import annotations
@@ -33,8 +43,6 @@ UNMATCHED = {"reason": "unmatched topic"}
 UNAUTHORIZED = {"reason": "unauthorized"}
 TOO_MANY = {"reason": "too many channels joined"}
 
-# Close codes. 1001 makes phoenix.js reconnect (and authenticate anew), as Phoenix 1.8.8+
-# does for a "disconnect" broadcast to the socket id.
 
 
 class Broadcast:
@@ -84,6 +92,50 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """End the connection (the transport decides how)."""
+
+
+class Fanout(Protocol):
+    """Where broadcasts, disconnects and presence changes go beyond this process."""
+
+    def broadcast(self, broadcast: Broadcast) -> None:
+        """A message broadcast this broker has just delivered to its own subscribers."""
+
+    def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        """A user's connections were closed here; close them everywhere."""
+
+    def kick(self, user: str, topic: str) -> None:
+        """A user was removed from a topic here; remove it everywhere."""
+
+    def presence_changed(
+        self,
+        topic: str,
+        key: str,
+        joined: dict[str, Any] | None,
+        left: dict[str, Any] | None,
+    ) -> None:
+        """A presence meta was tracked (`joined`), untracked (`left`) or replaced (both)."""
+
+
+class LocalOnly:
+    """The fanout of a broker that is the only one: nothing leaves the process."""
+
+    def broadcast(self, broadcast: Broadcast) -> None:
+        pass
+
+    def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        pass
+
+    def kick(self, user: str, topic: str) -> None:
+        pass
+
+    def presence_changed(
+        self,
+        topic: str,
+        key: str,
+        joined: dict[str, Any] | None,
+        left: dict[str, Any] | None,
+    ) -> None:
+        pass
 
 
 class Channel:
@@ -171,6 +223,9 @@ class Broker:
         self.users: dict[str, set[Peer]] = {}
         self._schedule: list[tuple[float, int, Topic]] = []
         self._seq = itertools.count()
+        self.fanout: Fanout = LocalOnly()
+        # Messages held, per connection and topic, while a channel waits for an answer.
+        self._held: dict[Peer, dict[str, deque[Message]]] = {}
         self.configure(rules, max_channels)
 
     # -- configuration -------------------------------------------------------------------
@@ -215,6 +270,7 @@ class Broker:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        self._held.pop(peer, None)
         for channel in list(peer.channels.values()):
             self._unsubscribe(peer, channel)
         if peer.user is not None:
@@ -229,6 +285,13 @@ class Broker:
         if peer not in self.peers:
             return  # closed while this message was queued
         self.stats.messages_in += 1
+        held = self._held.get(peer)
+        if held is not None and msg.topic in held:
+            held[msg.topic].append(msg)  # its channel waits for an answer: keep the order
+            return
+        self._dispatch(peer, msg)
+
+    def _dispatch(self, peer: Peer, msg: Message) -> None:
         if msg.event == messages.PHX_JOIN:
             self._join(peer, msg)
         elif msg.event == messages.PHX_LEAVE:
@@ -236,28 +299,65 @@ class Broker:
         else:
             self._push(peer, msg)
 
+    # -- channels waiting for an answer from outside ------------------------------------
+
+    def defer(self, peer: Peer, topic: str) -> None:
+        """Hold `peer`'s next messages for `topic` until `resume`: its channel (or its join)
+        waits for an answer from outside while the broker goes on with everyone else."""
+        self._held.setdefault(peer, {}).setdefault(topic, deque())
+
+    def waiting(self, peer: Peer, topic: str) -> bool:
+        """Whether `peer`'s channel for `topic` waits for an answer."""
+        return topic in self._held.get(peer, ())
+
+    def resume(self, peer: Peer, topic: str) -> None:
+        """The answer came and was applied: handle the held messages in order, until one
+        of them makes the channel wait again (the rest stay held behind it)."""
+        held_by_peer = self._held.get(peer)
+        if held_by_peer is None or topic not in held_by_peer:
+            return
+        queue = held_by_peer.pop(topic)
+        while queue:
+            self._dispatch(peer, queue.popleft())
+            if self.waiting(peer, topic):
+                self._held[peer][topic].extend(queue)
+                return
+        if not held_by_peer:
+            self._held.pop(peer, None)
+
     # -- operations for the API and the CLI ----------------------------------------------
 
     def publish(self, topic: str, event: str, payload: Any) -> int:
-        """Broadcast to a topic's subscribers; returns how many it reached."""
-        t = self.topics.get(topic)
+        """Broadcast to a topic's subscribers, here and (through the fanout) on every other
+        node; returns how many it reached here."""
+        return self._publish(Broadcast(topic, event, payload))
+
+    def _publish(self, broadcast: Broadcast) -> int:
+        t = self.topics.get(broadcast.topic)
         if t is None or not t.subscribers:
             self.stats.broadcasts += 1
-            return 0
-        return self._broadcast(t, Broadcast(topic, event, payload))
+            reached = 0
+        else:
+            reached = self._broadcast(t, broadcast)
+        self.fanout.broadcast(broadcast)
+        return reached
 
     def disconnect_user(
         self, user: str, code: int = close_codes.GOING_AWAY, reason: str = "disconnected"
     ) -> int:
-        """Close every connection of a user, as Phoenix's "disconnect" broadcast does."""
+        """Close every connection of a user, as Phoenix's "disconnect" broadcast does, here
+        and on every other node; returns how many were closed here."""
         peers = list(self.users.get(user, ()))
         for peer in peers:
             self.disconnect(peer)
             peer.close(code, reason)
+        self.fanout.disconnect_user(user, code, reason)
         return len(peers)
 
     def kick(self, user: str, topic: str) -> int:
-        """Remove a user from one topic; each of its channels there gets phx_close."""
+        """Remove a user from one topic, here and on every other node; each of its channels
+        gets phx_close. Returns how many channels were closed here."""
+        self.fanout.kick(user, topic)
         t = self.topics.get(topic)
         if t is None:
             return 0
@@ -370,7 +470,7 @@ class Broker:
             if rule.history:
                 topic.history.append(payload)
                 self._status_changed(topic, "msgs")
-            self._broadcast(topic, Broadcast(msg.topic, event, payload))
+            self._publish(Broadcast(msg.topic, event, payload))
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         elif event in rule.count:
@@ -415,8 +515,9 @@ class Broker:
         del topic.subscribers[peer]
         self.stats.leaves += 1
         if channel.phx_ref is not None and topic.presence is not None:
-            topic.presence.untrack(self._presence_key(peer), channel.phx_ref)
-            self._presence_changed(topic)
+            key = self._presence_key(peer)
+            untracked = topic.presence.untrack(key, channel.phx_ref)
+            self._presence_changed(topic, key, None, untracked)
         user = peer.user
         if user is not None and user in topic.user_sockets:
             left = topic.user_sockets[user] - 1
@@ -453,21 +554,34 @@ class Broker:
             for key in topic.rule.presence_meta:
                 if key in params:
                     meta[key] = params[key]
-        channel.phx_ref = topic.presence.track(self._presence_key(peer), meta)["phx_ref"]
-        self._presence_changed(topic)
+        key = self._presence_key(peer)
+        joined = topic.presence.track(key, meta)
+        channel.phx_ref = joined["phx_ref"]
+        self._presence_changed(topic, key, joined, None)
 
     def _update_presence(self, peer: Peer, channel: Channel, payload: Any) -> None:
         topic = channel.topic
         if topic.presence is None or channel.phx_ref is None or not isinstance(payload, dict):
             return
         changes = {k: payload[k] for k in topic.rule.presence_meta if k in payload}
-        meta = topic.presence.update(self._presence_key(peer), channel.phx_ref, changes)
+        key = self._presence_key(peer)
+        old = topic.presence.metas.get(key, {}).get(channel.phx_ref)
+        meta = topic.presence.update(key, channel.phx_ref, changes)
         if meta is not None:
             channel.phx_ref = meta["phx_ref"]
-            self._presence_changed(topic)
+            self._presence_changed(topic, key, meta, old)
 
-    def _presence_changed(self, topic: Topic) -> None:
+    def _presence_changed(
+        self,
+        topic: Topic,
+        key: str,
+        joined: dict[str, Any] | None,
+        left: dict[str, Any] | None,
+    ) -> None:
+        """The one path of every presence change: a diff for this node's subscribers soon,
+        and word to the other nodes now."""
         self._schedule_flush(topic)
+        self.fanout.presence_changed(topic.name, key, joined, left)
 
     def _status_changed(self, topic: Topic, field: str) -> None:
         # "users" also stands for user_count, which changes with it.

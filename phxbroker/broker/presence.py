@@ -47,14 +47,16 @@ class Presence:
         self.joins.setdefault(key, []).append(meta)
         return meta
 
-    def untrack(self, key: str, phx_ref: str) -> None:
+    def untrack(self, key: str, phx_ref: str) -> dict[str, Any] | None:
+        """Remove a meta; returns it (None if it was not tracked)."""
         metas = self.metas.get(key)
         if metas is None or phx_ref not in metas:
-            return
+            return None
         meta = metas.pop(phx_ref)
         if not metas:
             del self.metas[key]
         self.leaves.setdefault(key, []).append(meta)
+        return meta
 
     def update(self, key: str, phx_ref: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         """Replace a meta: the new one (new phx_ref, phx_ref_prev) joins, the old one leaves."""
