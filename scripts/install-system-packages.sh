@@ -1,9 +1,13 @@
 #!/bin/sh
-# Installs the Debian packages the test suite needs (a real Prometheus server for the
-# scrape test). Does nothing when they are already present.
+# Installs the Debian packages the test suite needs: a real Prometheus server for the
+# scrape test, and Chromium for the browser tests (driven by playwright-core, which is
+# told to use /usr/bin/chromium instead of downloading a browser of its own), with pgrep
+# to check that no Chromium process outlives a test. Does nothing when they are present.
 set -eu
 missing=""
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v pgrep >/dev/null 2>&1 || missing="$missing procps"
 [ -z "$missing" ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "phxbroker tests need:$missing (install them with your package manager)" >&2
