@@ -17,13 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import trio
+from trio_websocket import open_websocket_url
 
 from phxbroker.hooks import backend as hooks
 
@@ -470,6 +472,40 @@ def test_a_leave_removes_the_user_from_the_boards_connected_users(backend: Board
 def test_a_malformed_events_batch_is_a_400(shared: BoardBackend):
     for body in ({}, {"events": {}}, {"events": [{"type": "join"}]}):
         assert shared.call("events", body).status_code == 400
+
+
+async def test_user_left_reaches_the_board_through_phxbrokers_api(
+    tmp_path: Path, broker_factory: Callable[..., Any]
+):
+    """The seed's terminate/2 broadcast "user:left"; here a lifecycle batch makes the back
+    end send it through a real phxbroker's HTTP API, and a client on the board gets it."""
+    api_key = "board-api-key-for-tests"
+    broker = broker_factory(
+        {
+            "api": {"keys": [{"name": "board", "key": api_key}]},
+            "auth": {"tokens": [{"user": "1", "token": "john-token"}]},
+            "topics": [{"pattern": "boards:*", "join": "authenticated"}],
+        }
+    )
+    backend = BoardBackend(
+        tmp_path, args=("--broker-api", broker.url), env={"PHXBROKER_API_KEY": api_key}
+    )
+    try:
+        url = f"{broker.socket_url()}/websocket?token=john-token&vsn=2.0.0"
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps(["1", "1", BOARD, "phx_join", {}]))
+            with trio.fail_after(TIMEOUT):
+                assert json.loads(await ws.get_message())[3] == "phx_reply"
+            await trio.to_thread.run_sync(backend.join, 1)
+            await trio.to_thread.run_sync(backend.join, 2)
+            batch = {"events": [lifecycle("left-1", "leave", BOARD, "2")]}
+            assert await trio.to_thread.run_sync(backend.answer, "events", batch) == {"received": 1}
+            with trio.fail_after(TIMEOUT):
+                message = json.loads(await ws.get_message())
+            assert message == [None, None, BOARD, "user:left", {"users": [1]}]
+    finally:
+        assert backend.stop() == 0
+    assert f"broadcast user:left to {BOARD}" in backend.log_text()
 
 
 # -- the page and the README --------------------------------------------------------------
