@@ -1,0 +1,1 @@
+"""The seed "board" app's back end: its channel logic as phxbroker hooks, over SQLite."""

@@ -1,0 +1,1 @@
+"""The app's back end over HTTP: connect, join and event hooks, and lifecycle batches."""
