@@ -44,7 +44,6 @@ UNAUTHORIZED = {"reason": "unauthorized"}
 TOO_MANY = {"reason": "too many channels joined"}
 
 
-
 class Broadcast:
     """One message for every subscriber of a topic, encoded at most once per serializer."""
 
