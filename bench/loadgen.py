@@ -733,7 +733,7 @@ class LoadGenerator:
 
         def begin_measure(now: float) -> None:
             state["measuring"] = True
-            state["meter"] = Meter(clock, o.server_pid)
+            state["meter"] = Meter(clock, o.server_pid, (flood.proc.pid,) if flood else ())
             state["recv0"] = self.received
             state["sent0"] = self.sent
             self.measure_from_seq = self.sent
@@ -763,11 +763,11 @@ class LoadGenerator:
             begin_measure(clock())
         try:
             self.loop_until(lambda: False, stop_at)
+            if not state["measuring"]:
+                begin_measure(clock())
+            m = state["meter"].stop()
         finally:
             flood_result = flood.stop() if flood else None
-        if not state["measuring"]:
-            begin_measure(clock())
-        m = state["meter"].stop()
         max_pass, max_pass_cpu = self.max_pass, self.max_pass_cpu
         recv_window = self.received - state["recv0"]
         sent_window = self.sent - state["sent0"]
@@ -784,6 +784,8 @@ class LoadGenerator:
         if o.flood:
             extra["flood"] = o.flood
             extra["flooder"] = flood_result
+            # Its own CPU, on the generator's core: apart from "others".
+            extra["flooder_cpu"] = _ratio(m["helpers_cpu_s"], m["wall"])
         if o.healthz_interval > 0:
             extra.update(health.figures())
         return {
@@ -1261,7 +1263,8 @@ class HealthMonitor:
             self.next_at = now + self.interval
             self.current = _HealthCheck(self)
         if self.current is not None:
-            return min(self.next_at, self.current.started + self.timeout)
+            # The next check waits for this one: only its timeout is due.
+            return self.current.started + self.timeout
         return self.next_at
 
     def finish(self) -> None:
