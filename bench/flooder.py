@@ -13,9 +13,11 @@ Kinds of flood:
 
 It behaves like an attacker: whenever the server closes it (a close frame, EOF or a
 reset) it reconnects at once and floods again; a connect or handshake that fails is
-retried after 10 ms. Every wait has a timeout and the whole run is bounded by
-`--duration`; SIGTERM or SIGINT ends it early. On exit it prints one JSON line: what it
-sent (counted in whole frames the kernel took), what came back, and every close.
+retried after 10 ms. After a close frame it ends its side with a FIN and waits up to
+0.5 s for the server's, so that every frame it counts as sent reached the server.
+Every wait has a timeout and the whole run is bounded by `--duration`; SIGTERM or
+SIGINT ends it early. On exit it prints one JSON line: what it sent (counted in whole
+frames the kernel took), what came back, and every close.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from wsframes import (
 KINDS = ("ping", "cont", "msg")
 FLOOD_TOPIC = "bench:flood"
 RETRY_AFTER_FAILURE_S = 0.010
+CLOSE_WAIT_S = 0.5
+MAX_LISTED = 200  # connections whose frame counts the result lists
 # Frames per prepared chunk: one send() hands the kernel up to this many at once.
 CHUNK_FRAMES = 4096
 _LINGER_ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -126,6 +130,7 @@ class Flooder:
             "frame_bytes": len(self.frame),
             "bytes_sent": self.bytes_sent,
             "max_frames_per_connection": max(frames, default=0),
+            "frames_per_connection": frames[:MAX_LISTED],
             "replies": self.replies,
             "reply_kinds": dict(self.reply_kinds),
             "write_blocked_s": round(self.write_blocked_s, 3),
@@ -220,7 +225,10 @@ class Flooder:
             self.closes[why] += 1
             if self.first_close_after_s is None:
                 self.first_close_after_s = round(time.monotonic() - self.t0, 3)
-        _abort(sock)
+        if why.startswith("close"):
+            _close_after(sock, CLOSE_WAIT_S)
+        else:
+            _abort(sock)
         return frames
 
     def on_frames(self, frames: list[tuple[int, bytes]]) -> str:
@@ -243,6 +251,18 @@ def _error_name(exc: OSError) -> str:
     if exc.errno is not None and exc.errno in errno.errorcode:
         return errno.errorcode[exc.errno]
     return type(exc).__name__
+
+
+def _close_after(sock: socket.socket, bound: float) -> None:
+    """After the server's close frame: end our side (FIN, after all we sent) and wait
+    briefly for the server's, so that everything sent reaches it and none is reset."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(bound)
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline and sock.recv(65536):
+            pass
+    sock.close()
 
 
 def _abort(sock: socket.socket) -> None:

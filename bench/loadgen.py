@@ -60,9 +60,19 @@ SUB, PROBE, PUB, HTTP, HEALTH, CONTROL = "sub", "probe", "pub", "http", "health"
 # phoenix.js 1.8's schedules: socket reconnect after the k-th failed try (then 5 s), and
 # channel rejoin after a join refused or timed out (then 10 s); tries reset on open.
 RECONNECT_AFTER_MS = (10, 50, 100, 150, 200, 250, 500, 1000, 2000)
-RECONNECT_AFTER_MS_THEN = 5000
 REJOIN_AFTER_MS = (1000, 2000, 5000)
-REJOIN_AFTER_MS_THEN = 10000
+
+
+def reconnect_after_ms(tries: int) -> int:
+    """phoenix.js 1.8's wait before socket reconnect number `tries` (1, 2, ...)."""
+    return RECONNECT_AFTER_MS[tries - 1] if tries <= len(RECONNECT_AFTER_MS) else 5000
+
+
+def rejoin_after_ms(tries: int) -> int:
+    """phoenix.js 1.8's wait before channel rejoin number `tries` (1, 2, ...)."""
+    return REJOIN_AFTER_MS[tries - 1] if tries <= len(REJOIN_AFTER_MS) else 10000
+
+
 FLOODER = Path(__file__).resolve().parent / "flooder.py"
 FLOOD_KINDS = ("ping", "cont", "msg")
 
@@ -983,16 +993,12 @@ class ReconnectStorm(LoadGenerator):
         self.drop_socket(c)
         c.tries += 1
         self.max_tries = max(self.max_tries, c.tries)
-        k = c.tries - 1
-        delay = RECONNECT_AFTER_MS[k] if k < len(RECONNECT_AFTER_MS) else RECONNECT_AFTER_MS_THEN
-        self.at(delay / 1000, c, "connect")
+        self.at(reconnect_after_ms(c.tries) / 1000, c, "connect")
 
     def rejoin_later(self, c: Conn) -> None:
         c.epoch += 1
         c.rejoin_tries += 1
-        k = c.rejoin_tries - 1
-        delay = REJOIN_AFTER_MS[k] if k < len(REJOIN_AFTER_MS) else REJOIN_AFTER_MS_THEN
-        self.at(delay / 1000, c, "rejoin")
+        self.at(rejoin_after_ms(c.rejoin_tries) / 1000, c, "rejoin")
 
     def drop_socket(self, c: Conn) -> None:
         c.epoch += 1

@@ -54,12 +54,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 GC_WRAPPER = BENCH_DIR / "serve_gc_timed.py"
 
 # ------------------------------------------------------------------------------------
-# The classification. A sample's stack is walked from the innermost frame outwards;
-# the first frame a rule matches decides its category. A rule's category PASS means
-# "a helper: look further out". Frames no rule matches are passed over (a library's
-# or the standard library's internals are counted where phxbroker called them),
-# except phxbroker's own: the walk stops at the first phxbroker frame no rule knows,
-# and the sample is "other", listed by that frame so that a rule can be added.
+# The classification. A sample with a garbage-collection frame anywhere is garbage
+# collection. Otherwise its stack is walked from the innermost frame outwards to the
+# first phxbroker frame (past the ones whose rule says PASS: helpers, "look further
+# out"). The library and standard-library frames passed on the way are the library
+# call phxbroker made: the outermost of them that a rule knows decides (so trio's
+# `start_soon` counts as a task start whatever trio runs inside it). If no rule knows
+# any of them, the phxbroker frame's own rule decides; if it has none, the sample is
+# "other", listed by that frame so that a rule can be added.
 #
 # Where a rule looks:
 #   "phxbroker:NAME"  a phxbroker module whose file stem is NAME, or any module in a
@@ -242,15 +244,25 @@ def _rule_for(frame: Frame) -> str | None:
 
 def classify(stack: list[Frame]) -> tuple[str, Frame | None]:
     """The category of a sample whose stack is `stack` (outermost first), and, for
-    "other", the frame it is listed by."""
-    for frame in reversed(stack):
-        category = _rule_for(frame)
+    "other", the frame it is listed by (see the comment above RULES)."""
+    categories = [_rule_for(frame) for frame in stack]
+    if GC in categories:
+        return GC, None
+    library_call = None  # the category of the outermost known library frame so far
+    for frame, category in zip(reversed(stack), reversed(categories), strict=True):
+        if frame.origin != "phxbroker":
+            if category not in (None, PASS):
+                library_call = category
+            continue
+        if library_call is not None:
+            return library_call, None
         if category == PASS:
             continue
         if category is not None:
             return category, None
-        if frame.origin == "phxbroker":
-            return OTHER, frame
+        return OTHER, frame
+    if library_call is not None:
+        return library_call, None
     innermost = next((f for f in reversed(stack) if f.origin != "native"), None)
     return OTHER, innermost
 

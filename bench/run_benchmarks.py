@@ -261,7 +261,7 @@ def quick_scenarios() -> list[Scenario]:
             60,
         ),
         *hostile_scenarios(
-            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 2 "
+            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 1.5 "
             "--healthz-interval 0.25",
             "quick: 20 subscribers x 20 broadcasts/s",
             60,
