@@ -1120,12 +1120,13 @@ def hostile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResul
         return []
     quiet_runs = main_runs.get(HOSTILE_QUIET, [])
     quiet = median([r.result.get("latency_p99_ms") for r in quiet_runs])
+    load = floods[0].title.rsplit("; ", 1)[-1]
     lines = [
         "",
         "## Hostile clients",
         "",
-        "The latency run (1,000 subscribers, 20 broadcasts/s, 100 probes timing every "
-        "delivery) with one more client flooding the server through it. The flooder "
+        f"A latency run ({load}, probes timing every delivery) with one more client "
+        "flooding the server through warm-up and measured window. The flooder "
         "(bench/flooder.py) sends websocket pings as fast as the socket takes them and "
         "reads the pongs (`ping`), or opens a text message and continues it with empty "
         "non-final frames for ever (`cont`), or pushes valid Phoenix messages on a topic "
@@ -1136,9 +1137,9 @@ def hostile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResul
         "10 s of the last broadcast). Closed: how often the server closed the flooder, by "
         "close code (eof/ECONNRESET: closed without a close frame), per run. Frames got "
         "in: whole flood frames the kernel took from the flooder (median per run). Server "
-        "CPU is over the measured window. /healthz: a fresh GET every 0.5 s, bounded by "
-        "2 s. The flooder runs niced on the generator's core; its CPU is kept out of "
-        "the others' figure.",
+        "CPU is over the measured window. /healthz: a fresh GET every 0.5 s (quick: "
+        "0.25 s), each bounded by 2 s; failed counts those unanswered. The flooder runs "
+        "niced on the generator's core; its CPU is kept out of the others' figure.",
         "",
         f"Quiet p99 (`{HOSTILE_QUIET}`): {_fmt(quiet, ' ms')}, p50 "
         f"{_fmt(median([r.result.get('latency_p50_ms') for r in quiet_runs]), ' ms')}, "
@@ -1222,6 +1223,8 @@ def reconnect_report(scenarios: list[Scenario], main_runs: dict[str, list[RunRes
 def profile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
     """The connect-storm profile section: server CPU per connect, by category."""
     profiles = [sc for sc in scenarios if sc.kind == "profile" and sc.name in main_runs]
+    idle = main_runs.get("idle", [])
+    unprofiled = median([r.result.get("server_cpu_per_join_us") for r in idle])
     lines: list[str] = []
     for sc in profiles:
         rs = [r for r in main_runs[sc.name] if r.result.get("categories")]
@@ -1246,7 +1249,12 @@ def profile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResul
             f"{_fmt(median([r.result.get('us_per_connect') for r in rs]), ' µs')} "
             f"({_fmt(median([r.result.get('connected') for r in rs]))} clients, "
             f"{_fmt(median([r.result.get('samples') for r in rs]))} samples, "
-            f"{_fmt(median([r.result.get('gc_cpu_s') for r in rs]), ' s')} in collections).",
+            f"{_fmt(median([r.result.get('gc_cpu_s') for r in rs]), ' s')} in collections)"
+            + (
+                f"; without the profiler the idle scenario measured {_fmt(unprofiled, ' µs')}."
+                if unprofiled
+                else "."
+            ),
             "",
             "| category | % of server CPU | µs per connect |",
             "|---|---|---|",
