@@ -5,20 +5,25 @@
     python bench/profile_connect.py -n 2000 --json   # one JSON line instead
     python bench/profile_connect.py --classify FILE  # classify a saved py-spy raw file again
 
-Starts `phxbroker serve` (the benchmark config, pinned to CPU 0) under
-bench/serve_gc_timed.py, attaches py-spy to it (`record --format raw`, pinned to CPU 1
-with the generator), has the generator connect, upgrade and join N clients (256 at
-once), and stops py-spy as soon as the last one has joined, so that the samples cover
-the storm and nothing after it. Each sample goes to one category by its stack (see
-RULES below); the table gives each category's share of the server's CPU in the storm
-and that share in µs per connect (server utime+stime over the storm / clients joined).
+Runs the storm twice, each time against a fresh `phxbroker serve` (the benchmark
+config, pinned to CPU 0, under bench/serve_gc_timed.py) with the generator connecting,
+upgrading and joining N clients (256 at once). The first storm runs as it is: the
+server's CPU per connect (utime+stime over the storm / clients joined) and the garbage
+collector's part of it come from there. The second runs with py-spy attached (`record
+--format raw`, pinned to CPU 1 with the generator), stopped as soon as the last client
+has joined, so that the samples cover the storm and nothing after it: each sample goes
+to one category by its stack (see RULES below), and the categories share the CPU left
+after garbage collection in proportion to their samples. (Each of the sampler's stops
+costs the server CPU of its own, up to half again at 1000 samples/s in runs here,
+spread over whatever runs at the time: it changes the cost, not the shares, which is
+why the cost comes from the plain storm.)
 
 Garbage collection: py-spy cannot see it (a sample taken while the collector runs
 shows the Python line whose allocation triggered it; `--gil` and `--idle` do not
-change that). Its CPU time is measured apart with `gc.callbacks` in the server's
-process (serve_gc_timed.py), and the sampled categories share the rest. With
-`--native`, CPython's collector shows up as native frames (`gc_collect_main`) and is
-counted from the samples too, but native unwinding slows the server several-fold.
+change that). Its CPU time is measured apart, in the plain storm, with `gc.callbacks`
+in the server's process (serve_gc_timed.py). With `--native`, CPython's collector
+shows up as native frames (`gc_collect_main`) and is counted from the samples instead,
+but native unwinding slows the server several-fold.
 
 Needs py-spy: `pip install -e '.[bench]'`.
 """
@@ -328,10 +333,12 @@ def table_rows(
 
 
 def markdown(result: dict) -> str:
+    profiled = result.get("profiled") or {}
     lines = [
         f"Connect + upgrade + join storm: {result['connected']:,} clients, "
         f"{result['server_cpu_s']} s of server CPU ({result['us_per_connect']} µs per "
-        f"connect), {result['samples']:,} samples at {result['rate']}/s; garbage collection "
+        f"connect; {profiled.get('us_per_connect')} µs under the profiler), "
+        f"{result['samples']:,} samples at {result['rate']}/s; garbage collection "
         f"{'from the samples (--native)' if result['native'] else 'measured with gc.callbacks'}.",
         "",
         "| category | % of server CPU | µs per connect |",
@@ -374,10 +381,33 @@ def gc_snapshot(pid: int, path: Path, seq: int, timeout: float = 5.0) -> dict:
 
 
 def profile(opts: argparse.Namespace) -> dict:
-    """Run the storm under the profiler; return the figures (see markdown())."""
+    """Run the storm twice on fresh servers: once as it is, for the server's CPU per
+    connect and the garbage collector's part of it, then under py-spy, for the shares
+    of the rest (the sampler's stops cost the server CPU too); return the figures."""
     pyspy = find_pyspy()
     if pyspy is None:
         raise RuntimeError("py-spy is not installed: pip install -e '.[bench]'")
+    plain, plain_gc, _ = storm(opts, None)
+    profiled, profiled_gc, text = storm(opts, pyspy)
+    if opts.keep:
+        Path(opts.keep).write_text(text)
+    result = figures(parse_raw(text), plain, plain_gc, opts)
+    result["profiled"] = {
+        "connected": profiled.get("connected"),
+        "join_seconds": profiled.get("join_seconds"),
+        "server_cpu_s": profiled.get("server_cpu_join_s"),
+        "us_per_connect": profiled.get("server_cpu_per_join_us"),
+        "gc_cpu_s": profiled_gc["gc_cpu_s"],
+        "error": profiled.get("error"),
+    }
+    result["error"] = result["error"] or profiled.get("error")
+    return result
+
+
+def storm(opts: argparse.Namespace, pyspy: str | None) -> tuple[dict, dict, str]:
+    """One connect + upgrade + join storm against a fresh server, sampled by py-spy if
+    given: the generator's JSON line, the collector's work during the storm
+    (`gc_cpu_s`, `collections` per generation) and py-spy's raw samples."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = tmp / "bench.toml"
@@ -394,24 +424,10 @@ def profile(opts: argparse.Namespace) -> dict:
             cwd=tmp,
         )
         spy = gen = None
+        text = ""
         try:
-            spy_cmd = [pyspy, "record", "--pid", str(server.proc.pid), "--rate", str(opts.rate)]
-            spy_cmd += ["--format", "raw", "--full-filenames", "--output", str(raw)]
-            if opts.native:
-                spy_cmd.append("--native")
-            spy = subprocess.Popen(
-                pinned(1, spy_cmd),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            spy_out = LineReader(spy.stdout)
-            spy_lines = []
-            while not any("Sampling process" in ln for ln in spy_lines):
-                line = spy_out.next(20)
-                if line is None:
-                    raise RuntimeError(f"py-spy did not start: {' '.join(spy_lines)[-500:]}")
-                spy_lines.append(line)
+            if pyspy:
+                spy = start_pyspy(pyspy, server.proc.pid, raw, opts)
             gc0 = gc_snapshot(server.proc.pid, gc_report, 1)
             gen = subprocess.Popen(
                 pinned(
@@ -442,11 +458,13 @@ def profile(opts: argparse.Namespace) -> dict:
             gen_out = LineReader(gen.stdout)
             line = gen_out.next(opts.timeout)
             # Every client has joined: stop sampling before anything else happens.
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError("py-spy did not stop within 60 s of SIGINT") from None
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(60)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError("py-spy did not stop within 60 s of SIGINT") from None
+                text = raw.read_text()
             gc1 = gc_snapshot(server.proc.pid, gc_report, 2)
             if line != "ready":
                 raise RuntimeError(f"the generator did not get every client joined: {line}")
@@ -456,26 +474,47 @@ def profile(opts: argparse.Namespace) -> dict:
                 line = gen_out.next(60)
             if line is None:
                 raise RuntimeError(f"the generator gave no result: {gen.stderr.read()[-500:]}")
-            storm = json.loads(line)
-            text = raw.read_text()
-            if opts.keep:
-                Path(opts.keep).write_text(text)
+            result = json.loads(line)
         finally:
             for proc in (gen, spy):
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait()
             server.stop()
-    gc_cpu = gc1["gc_cpu_s"] - gc0["gc_cpu_s"]
-    collections_run = [b - a for a, b in zip(gc0["collections"], gc1["collections"], strict=True)]
-    return figures(parse_raw(text), storm, gc_cpu, collections_run, opts)
+    gc_work = {
+        "gc_cpu_s": round(gc1["gc_cpu_s"] - gc0["gc_cpu_s"], 4),
+        "collections": [b - a for a, b in zip(gc0["collections"], gc1["collections"], strict=True)],
+    }
+    return result, gc_work, text
 
 
-def figures(stacks, storm: dict, gc_cpu: float | None, gc_runs, opts) -> dict:
+def start_pyspy(pyspy: str, pid: int, raw: Path, opts: argparse.Namespace) -> subprocess.Popen:
+    """py-spy recording `pid` into `raw`, on the generator's core; returns once it samples."""
+    cmd = [pyspy, "record", "--pid", str(pid), "--rate", str(opts.rate), "--format", "raw"]
+    cmd += ["--full-filenames", "--output", str(raw)]
+    if opts.native:
+        cmd.append("--native")
+    spy = subprocess.Popen(
+        pinned(1, cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out = LineReader(spy.stdout)
+    seen: list[str] = []
+    while not any("Sampling process" in ln for ln in seen):
+        line = out.next(20)
+        if line is None:
+            spy.kill()
+            raise RuntimeError(f"py-spy did not start: {' '.join(seen)[-500:]}")
+        seen.append(line)
+    return spy
+
+
+def figures(stacks, storm: dict, gc_work: dict | None, opts) -> dict:
+    """The table's figures: shares from the samples, cost from the unprofiled storm."""
     connected = storm.get("connected") or 0
     server_cpu = storm.get("server_cpu_join_s")
     us_per_connect = server_cpu / connected * 1e6 if connected and server_cpu else None
     per_category, others = summarise(stacks)
+    gc_cpu = gc_work["gc_cpu_s"] if gc_work else None
     gc_share = None
     if not opts.native and gc_cpu is not None and server_cpu:
         gc_share = min(1.0, gc_cpu / server_cpu)
@@ -488,11 +527,11 @@ def figures(stacks, storm: dict, gc_cpu: float | None, gc_runs, opts) -> dict:
         "samples": sum(per_category.values()),
         "rate": opts.rate,
         # py-spy counts a thread as busy while it runs or waits for a core, so on a box
-        # with other work this exceeds server_cpu_s; the shares hold either way.
+        # with other work this can exceed the profiled storm's CPU; shares hold either way.
         "sampled_s": round(sum(per_category.values()) / opts.rate, 3),
         "native": opts.native,
-        "gc_cpu_s": round(gc_cpu, 4) if gc_cpu is not None else None,
-        "gc_collections": gc_runs,
+        "gc_cpu_s": gc_cpu,
+        "gc_collections": gc_work["collections"] if gc_work else None,
         "categories": table_rows(per_category, gc_share, us_per_connect),
         "other_top": [{"frame": f, "samples": n} for f, n in others.most_common(opts.top)],
         "error": storm.get("error"),
@@ -520,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.classify:
             stacks = parse_raw(Path(opts.classify).read_text())
-            result = figures(stacks, {}, None, None, opts)
+            result = figures(stacks, {}, None, opts)
         else:
             result = profile(opts)
     except (RuntimeError, OSError) as exc:

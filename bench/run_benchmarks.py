@@ -1231,30 +1231,33 @@ def profile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResul
         if not rs:
             continue
         first = rs[0].result
+
+        def med(key: str, rs=rs):
+            return median([r.result.get(key) for r in rs])
+
+        cost = med("us_per_connect")
+        profiled = median([(r.result.get("profiled") or {}).get("us_per_connect") for r in rs])
         lines += [
             "",
             f"## Where a connect's CPU goes ({sc.name})",
             "",
-            f"{sc.title.capitalize()}: py-spy samples the server ({first.get('rate')}/s, "
-            "Python frames) from before the first connect until the last client has "
-            "joined. Each sample is put in a category by the innermost frame on its stack "
-            "that a rule in `bench/profile_connect.py` knows (library internals count where "
-            "phxbroker called them). Garbage collection is invisible to the sampler (its "
-            "samples show the allocation that triggered it), so it is timed apart with "
-            "`gc.callbacks` in the server and the sampled categories share the rest. µs "
-            "per connect: the server's utime+stime over the storm / clients joined, times "
-            "the share. Medians over the runs.",
+            f"{sc.title[:1].upper()}{sc.title[1:]}. The storm runs twice on fresh "
+            "servers. The first runs as it is: the server's utime+stime over it / clients "
+            "joined is the cost per connect, and `gc.callbacks` in the server times the "
+            f"garbage collector's part. The second runs under py-spy ({first.get('rate')} "
+            "samples/s, Python frames) from before the first connect until the last client "
+            "has joined; each sample is put in a category by its stack (the rules in "
+            "`bench/profile_connect.py`: library internals count where phxbroker called "
+            "them), and the categories share what the collector left in proportion to "
+            "their samples (the sampler cannot see the collector; its own stops cost the "
+            "server CPU, so the cost comes from the first storm). µs per connect: the "
+            "share times the cost. Medians over the runs.",
             "",
-            f"Server CPU per connect + upgrade + join: "
-            f"{_fmt(median([r.result.get('us_per_connect') for r in rs]), ' µs')} "
-            f"({_fmt(median([r.result.get('connected') for r in rs]))} clients, "
-            f"{_fmt(median([r.result.get('samples') for r in rs]))} samples, "
-            f"{_fmt(median([r.result.get('gc_cpu_s') for r in rs]), ' s')} in collections)"
-            + (
-                f"; without the profiler the idle scenario measured {_fmt(unprofiled, ' µs')}."
-                if unprofiled
-                else "."
-            ),
+            f"Server CPU per connect + upgrade + join: {_fmt(cost, ' µs')} "
+            f"({_fmt(med('connected'))} clients, {_fmt(med('gc_cpu_s'), ' s')} in "
+            f"collections; under the profiler {_fmt(profiled, ' µs')} per connect, "
+            f"{_fmt(med('samples'))} samples)"
+            + (f"; the idle scenario measured {_fmt(unprofiled, ' µs')}." if unprofiled else "."),
             "",
             "| category | % of server CPU | µs per connect |",
             "|---|---|---|",

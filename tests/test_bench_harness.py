@@ -694,6 +694,8 @@ def test_profile_connect_samples_a_small_storm():
     assert r["error"] is None and r["connected"] == 200
     assert r["samples"] > 0 and r["server_cpu_s"] > 0
     assert len(r["gc_collections"]) == 3 and r["gc_cpu_s"] >= 0
+    # The cost comes from the storm without the profiler; the sampled one is run too.
+    assert r["profiled"]["connected"] == 200 and r["profiled"]["error"] is None
     names = [row["category"] for row in r["categories"]]
     assert names == list(profile_connect.CATEGORIES)
     assert sum(row["share"] for row in r["categories"]) == pytest.approx(1.0, abs=0.01)
