@@ -1126,8 +1126,10 @@ class ReconnectStorm(LoadGenerator):
         if not self.loop_until(lambda: self.drain_at is not None, clock() + o.control_timeout):
             raise Stop(f"no drain signal within {o.control_timeout:g} s")
         deadline = self.drain_at + o.storm_timeout
+        meter = Meter(clock, None)
         done = self.loop_until(lambda: len(self.rejoin_times) >= self.storm_target, deadline)
         ended = clock()
+        m = meter.stop()
         # The new server's CPU from the moment it listened until all were back.
         srv_cpu = None
         if self.server_pid:
@@ -1165,6 +1167,8 @@ class ReconnectStorm(LoadGenerator):
             if srv_cpu is not None and srv_cpu >= 0.1 and rejoined
             else None,
             "storm_wall_s": round(ended - t0, 3),
+            # The generator's own CPU over the storm: near 1.0, it was the limit.
+            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
         }
 
 

@@ -1003,6 +1003,10 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         SERVER_CONFIG.format(api_key=API_KEY).rstrip(),
         "```",
         "",
+        "(The reconnect storm's servers use the same config listening on a fixed free port, "
+        "so that the restarted one takes the port of the drained one; the profile's run "
+        "under `bench/serve_gc_timed.py`, which times garbage collections.)",
+        "",
         "## How the figures are taken",
         "",
         "- connections: websocket clients on 127.0.0.1 speaking the V2 JSON serializer "
