@@ -23,13 +23,16 @@ import collections
 import contextlib
 import errno
 import gc
+import heapq
 import json
 import math
 import os
 import resource
 import select
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,8 +55,26 @@ from wsframes import (
     encode_client_frame,
 )
 
-CONNECTING, HANDSHAKE, JOINING, JOINED, DEAD = range(5)
-SUB, PROBE, PUB, HTTP = "sub", "probe", "pub", "http"
+CONNECTING, HANDSHAKE, JOINING, JOINED, DEAD, WAITING = range(6)
+SUB, PROBE, PUB, HTTP, HEALTH, CONTROL = "sub", "probe", "pub", "http", "health", "control"
+# phoenix.js 1.8's schedules: socket reconnect after the k-th failed try (then 5 s), and
+# channel rejoin after a join refused or timed out (then 10 s); tries reset on open.
+RECONNECT_AFTER_MS = (10, 50, 100, 150, 200, 250, 500, 1000, 2000)
+REJOIN_AFTER_MS = (1000, 2000, 5000)
+
+
+def reconnect_after_ms(tries: int) -> int:
+    """phoenix.js 1.8's wait before socket reconnect number `tries` (1, 2, ...)."""
+    return RECONNECT_AFTER_MS[tries - 1] if tries <= len(RECONNECT_AFTER_MS) else 5000
+
+
+def rejoin_after_ms(tries: int) -> int:
+    """phoenix.js 1.8's wait before channel rejoin number `tries` (1, 2, ...)."""
+    return REJOIN_AFTER_MS[tries - 1] if tries <= len(REJOIN_AFTER_MS) else 10000
+
+
+FLOODER = Path(__file__).resolve().parent / "flooder.py"
+FLOOD_KINDS = ("ping", "cont", "msg")
 
 PRESENCE_EVENTS = ("presence_state", "presence_diff")
 READ_SIZE = 256 * 1024
@@ -86,19 +107,24 @@ class Conn:
     __slots__ = (
         "count",
         "counter",
+        "epoch",
         "fd",
         "handshake",
         "hb_ref",
         "index",
+        "join_ref",
+        "join_seq",
         "keys",
         "kind",
         "last_seq",
         "out",
         "parser",
+        "rejoin_tries",
         "settled_at",
         "sock",
         "started",
         "state",
+        "tries",
         "want_out",
     )
 
@@ -119,6 +145,11 @@ class Conn:
         self.want_out = False
         self.keys: set[str] | None = None  # presence keys a probe has seen, in presence mode
         self.settled_at = 0.0
+        self.epoch = 0  # timers set for an earlier state of the connection are ignored
+        self.join_ref = JOIN_REF
+        self.join_seq = 1
+        self.tries = 0
+        self.rejoin_tries = 0
 
 
 class Stop(Exception):
@@ -164,6 +195,7 @@ class LoadGenerator:
         self.max_pass = 0.0
         self.max_pass_cpu = 0.0
         self.storm = opts.mode == "presence"
+        self.control: Control | None = None
 
     # ---------------------------------------------------------------- event loop
 
@@ -284,6 +316,9 @@ class LoadGenerator:
         if c.kind == HTTP:
             c.on_readable()
             return
+        if c.kind in (HEALTH, CONTROL):
+            c.on_event(ev)
+            return
         if c.state == CONNECTING:
             err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -312,9 +347,16 @@ class LoadGenerator:
                 return
             c.handshake = None
             c.state = JOINING
-            self.send_text(c, orjson.dumps([JOIN_REF, JOIN_REF, self.o.topic, "phx_join", {}]))
+            self.on_open(c)
             data = rest
         self.on_frames(c, c.parser.feed(data))
+
+    def on_open(self, c: Conn) -> None:
+        """The websocket is open: join."""
+        self.send_join(c)
+
+    def send_join(self, c: Conn) -> None:
+        self.send_text(c, orjson.dumps([JOIN_REF, JOIN_REF, self.o.topic, "phx_join", {}]))
 
     def recv(self, c: Conn, size: int = 0) -> int:
         """Read what is there into the shared buffer; 0 or less when there is nothing."""
@@ -555,8 +597,8 @@ class LoadGenerator:
         typical = b'{"seq":100000,"t":1000000000000,"pad":""}'
         self.pad = b"x" * max(0, o.payload_bytes - len(typical))
 
-        if o.mode == "presence":
-            pass  # the joins are the load; nothing publishes
+        if o.mode in ("presence", "reconnect"):
+            pass  # the joins (and the reconnects) are the load; nothing publishes
         elif o.publisher == "relay":
             self.pub = Conn(-1, PUB)
             self.start_connect(self.pub)
@@ -612,11 +654,13 @@ class LoadGenerator:
         }
 
     def hold(self, seconds: float) -> dict:
-        """Keep every connection idle but for heartbeats; count what drops."""
+        """Keep every connection idle but for heartbeats; count what drops. Under
+        --control, "go" (or end of input) on stdin ends the hold early."""
         meter = Meter(clock, self.o.server_pid)
         self.max_pass = 0.0
         self.max_pass_cpu = 0.0
-        self.loop_until(lambda: False, clock() + seconds)
+        released = self.control.ready() if self.control else (lambda: False)
+        self.loop_until(released, clock() + seconds)
         m = meter.stop()
         # Heartbeats sent just before the end are still in flight: stop sending and give
         # their replies a bounded time to arrive, so acked == sent means none went missing.
@@ -694,10 +738,12 @@ class LoadGenerator:
         measure_at = t_start + o.warmup
         stop_at = measure_at + o.duration
         state = {"measuring": False, "meter": None, "recv0": 0, "sent0": 0}
+        health = HealthMonitor(self, o.healthz_interval, o.healthz_timeout)
+        flood = Flood(o, o.warmup + o.duration + 5) if o.flood else None
 
         def begin_measure(now: float) -> None:
             state["measuring"] = True
-            state["meter"] = Meter(clock, o.server_pid)
+            state["meter"] = Meter(clock, o.server_pid, (flood.proc.pid,) if flood else ())
             state["recv0"] = self.received
             state["sent0"] = self.sent
             self.measure_from_seq = self.sent
@@ -707,34 +753,51 @@ class LoadGenerator:
         def tick(now: float) -> float:
             if not state["measuring"] and now >= measure_at:
                 begin_measure(now)
+            next_health = health.tick(now)
             if saturate:
                 while self.sent < limit and self.sent - self.min_count < o.window:
                     self.publish()
-                return min(now + 0.05, measure_at if not state["measuring"] else stop_at)
+                return min(
+                    now + 0.05, next_health, measure_at if not state["measuring"] else stop_at
+                )
             due = t_start + self.sent / o.rate
             while due <= now and self.sent < limit:
                 self.publish()
                 due = t_start + self.sent / o.rate
-            return due
+            return min(due, next_health)
 
         # tick runs on every loop pass, so the window is topped up as soon as
         # a read completes a broadcast.
         self.tick = tick
         if o.warmup <= 0:
             begin_measure(clock())
-        self.loop_until(lambda: False, stop_at)
-        if not state["measuring"]:
-            begin_measure(clock())
-        m = state["meter"].stop()
+        try:
+            self.loop_until(lambda: False, stop_at)
+            if not state["measuring"]:
+                begin_measure(clock())
+            m = state["meter"].stop()
+        finally:
+            flood_result = flood.stop() if flood else None
         max_pass, max_pass_cpu = self.max_pass, self.max_pass_cpu
         recv_window = self.received - state["recv0"]
         sent_window = self.sent - state["sent0"]
         del self.tick
+        health.finish()
         # Everything sent must arrive; wait for it (read promptly now) within a bound.
         self.read_interval = 0.0
         expected = self.sent * nsubs
         self.loop_until(lambda: self.received >= expected, clock() + o.drain_timeout)
         lat = sorted(self.latencies_us)
+        probes_joined = sum(1 for c in self.subs if c.kind == PROBE and c.state == JOINED)
+        measured = max(0, self.sent - min(self.sent, self.measure_from_seq))
+        extra = {}
+        if o.flood:
+            extra["flood"] = o.flood
+            extra["flooder"] = flood_result
+            # Its own CPU, on the generator's core: apart from "others".
+            extra["flooder_cpu"] = _ratio(m["helpers_cpu_s"], m["wall"])
+        if o.healthz_interval > 0:
+            extra.update(health.figures())
         return {
             "window": o.window if saturate else None,
             "read_interval_s": o.read_interval,
@@ -751,10 +814,14 @@ class LoadGenerator:
             "latency_p50_ms": _pct(lat, 0.50),
             "latency_p99_ms": _pct(lat, 0.99),
             "latency_max_ms": round(lat[-1] / 1000, 3) if lat else None,
+            # Broadcasts sent after the warm-up that a joined probe never got (within the
+            # drain timeout): latencies too long to be measured at all.
+            "latency_missing": max(0, measured * probes_joined - len(lat)),
             "server_cpu": _ratio(m["server_cpu_s"], m["wall"]),
             **_cpu_shares(m),
             "gen_max_pass_ms": round(max_pass * 1000, 3),
             "gen_max_pass_cpu_ms": round(max_pass_cpu * 1000, 3),
+            **extra,
         }
 
     def run(self) -> dict:
@@ -773,7 +840,11 @@ class LoadGenerator:
             gc.collect()
             gc.freeze()
             gc.disable()
-            if o.mode == "idle":
+            if o.control:
+                self.control = Control(self)
+            if o.mode == "reconnect":
+                result.update(self.reconnect_storm())
+            elif o.mode == "idle":
                 result.update(self.hold(o.hold))
             elif o.mode == "presence":
                 result.update(self.presence_storm(storm_meter, t0))
@@ -802,10 +873,303 @@ class LoadGenerator:
         # An abortive close leaves no TIME_WAIT behind, so back-to-back runs of
         # 10,000 connections do not run out of ephemeral ports.
         for c in list(self.conns.values()):
+            if c.sock is None:
+                continue  # the control channel: stdin is not ours to close
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
             c.sock.close()
         self.conns.clear()
         self.ep.close()
+
+
+class Control:
+    """Lines from whoever runs the generator, on stdin (with --control): the generator
+    prints "ready" once every client has joined, then takes `drain <monotonic time>`,
+    `server <pid> <cpu seconds> <monotonic time>` and `go` (as does end of input)."""
+
+    def __init__(self, gen: LoadGenerator) -> None:
+        self.gen = gen
+        self.kind = CONTROL
+        self.state = JOINED
+        self.fd = sys.stdin.fileno()
+        self.sock = None
+        self.partial = b""
+        self.lines: collections.deque[list[str]] = collections.deque()
+        self.released = False
+        os.set_blocking(self.fd, False)
+        gen.conns[self.fd] = self
+        gen.ep.register(self.fd, EPOLLIN)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+
+    def ready(self):
+        return lambda: self.released
+
+    def on_event(self, ev: int) -> None:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self.released = True
+            self.gen.conns.pop(self.fd, None)
+            self.gen.ep.unregister(self.fd)
+            return
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            words = line.decode().split()
+            if words == ["go"]:
+                self.released = True
+            elif words:
+                self.lines.append(words)
+
+
+class ReconnectStorm(LoadGenerator):
+    """N clients joined; the server is drained and a new one started on the same port;
+    every client reconnects and rejoins on phoenix.js 1.8's own schedule.
+
+    Run with --control: the runner sends SIGTERM to the server, says `drain T` (its
+    monotonic time, the clock every process on the box shares) and, once the new
+    server listens, `server PID CPU T`. Times are counted from the drain signal.
+    """
+
+    def __init__(self, opts: argparse.Namespace) -> None:
+        super().__init__(opts)
+        self.storming = False
+        self.timers: list[tuple[float, int, Conn, str, int]] = []
+        self.timer_seq = 0
+        self.storm_target = 0
+        self.rejoin_times: list[float] = []
+        self.drain_at: float | None = None
+        self.server_at: float | None = None
+        self.server_pid: int | None = None
+        self.server_cpu0 = 0.0
+        self.closes: collections.Counter[str] = collections.Counter()
+        self.last_close_at = 0.0
+        self.refused = 0
+        self.connect_errors: collections.Counter[str] = collections.Counter()
+        self.handshake_failures: collections.Counter[str] = collections.Counter()
+        self.join_timeouts = 0
+        self.join_errors: collections.Counter[str] = collections.Counter()
+        self.attempts = 0
+        self.max_tries = 0
+        self.dropped_again = 0
+
+    # --------------------------------------------------------------- the schedule
+
+    def at(self, delay_s: float, c: Conn, what: str) -> None:
+        """Run `what` for `c` after `delay_s`, unless c moved on (its epoch changed)."""
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (clock() + delay_s, self.timer_seq, c, what, c.epoch))
+
+    def tick(self, now: float) -> float:
+        timers = self.timers
+        budget = 512  # bounded, so that reads go on between batches of due timers
+        while timers and timers[0][0] <= now and budget:
+            budget -= 1
+            _, _, c, what, epoch = heapq.heappop(timers)
+            if c.epoch != epoch:
+                continue
+            if what == "connect":
+                self.start_connect(c)
+            elif what == "handshake timeout":
+                self.handshake_failures["timed out"] += 1
+                self.reconnect_later(c)
+            elif what == "join timeout":
+                # phoenix.js gives up on the join, says phx_leave, and rejoins later.
+                self.join_timeouts += 1
+                self.send_text(
+                    c, orjson.dumps([c.join_ref, str(c.hb_ref), self.o.topic, "phx_leave", {}])
+                )
+                self.rejoin_later(c)
+            elif what == "rejoin":
+                self.send_join(c)
+        self.poll_control()
+        if not budget:
+            return now
+        return min(timers[0][0] if timers else now + 0.5, now + 0.05)
+
+    def reconnect_later(self, c: Conn) -> None:
+        """Drop c's socket; connect again after phoenix.js's back-off for its tries."""
+        self.drop_socket(c)
+        c.tries += 1
+        self.max_tries = max(self.max_tries, c.tries)
+        self.at(reconnect_after_ms(c.tries) / 1000, c, "connect")
+
+    def rejoin_later(self, c: Conn) -> None:
+        c.epoch += 1
+        c.rejoin_tries += 1
+        self.at(rejoin_after_ms(c.rejoin_tries) / 1000, c, "rejoin")
+
+    def drop_socket(self, c: Conn) -> None:
+        c.epoch += 1
+        c.state = WAITING
+        if c.sock is not None:
+            self.conns.pop(c.fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(c.fd)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            c.sock.close()
+            c.sock = None
+            c.fd = -1
+
+    # --------------------------------------------------------------- the clients
+
+    def start_connect(self, c: Conn) -> None:
+        if not self.storming:
+            super().start_connect(c)
+            return
+        c.epoch += 1
+        c.state = CONNECTING
+        c.parser = FrameParser()
+        c.counter = None
+        c.out = b""
+        c.want_out = False
+        c.handshake = None
+        self.attempts += 1
+        self.at(self.o.handshake_timeout, c, "handshake timeout")
+        super().start_connect(c)
+        self.pending.discard(c)
+
+    def on_open(self, c: Conn) -> None:
+        if self.storming:
+            # phoenix.js resets both back-offs when the socket opens, and joins at once.
+            c.tries = 0
+            c.rejoin_tries = 0
+        self.send_join(c)
+
+    def send_join(self, c: Conn) -> None:
+        if not self.storming:
+            super().send_join(c)
+            return
+        c.epoch += 1
+        c.join_seq += 1
+        c.hb_ref += 1
+        c.join_ref = str(c.join_seq)
+        self.send_text(c, orjson.dumps([c.join_ref, c.join_ref, self.o.topic, "phx_join", {}]))
+        self.at(self.o.storm_join_timeout, c, "join timeout")
+
+    def on_join_reply(self, c: Conn, msg) -> None:
+        if not self.storming:
+            super().on_join_reply(c, msg)
+            return
+        if not (isinstance(msg, list) and len(msg) == 5 and msg[3] == "phx_reply"):
+            self.other_frames += 1
+            return
+        if msg[1] != c.join_ref:
+            return  # the reply to a join that already timed out
+        reply = msg[4] if isinstance(msg[4], dict) else {}
+        if reply.get("status") != "ok":
+            reason = (reply.get("response") or {}).get("reason", reply.get("status"))
+            self.join_errors[str(reason)] += 1
+            self.rejoin_later(c)
+            return
+        c.epoch += 1
+        c.state = JOINED
+        if not c.settled_at:
+            c.settled_at = clock()
+            self.rejoin_times.append(c.settled_at)
+
+    def fail(self, c: Conn, reason: str) -> None:
+        if not self.storming:
+            super().fail(c, reason)
+            return
+        if reason == f"connect: {os.strerror(errno.ECONNREFUSED)}":
+            self.refused += 1
+        elif reason.startswith("connect:"):
+            self.connect_errors[reason.removeprefix("connect: ")] += 1
+        else:
+            self.handshake_failures[reason.removeprefix("upgrade: ")] += 1
+        self.reconnect_later(c)
+
+    def note_close(self, c: Conn, why: str) -> None:
+        if not self.storming:
+            super().note_close(c, why)
+            return
+        if c.state == JOINED:
+            self.closes[why] += 1
+            self.last_close_at = clock()
+            if c.settled_at:
+                self.dropped_again += 1
+        elif c.state in (CONNECTING, HANDSHAKE):
+            self.handshake_failures[f"closed while upgrading: {why}"] += 1
+        elif c.state == JOINING:
+            self.handshake_failures[f"closed while joining: {why}"] += 1
+        else:
+            return
+        self.reconnect_later(c)
+
+    # --------------------------------------------------------------- the storm
+
+    def poll_control(self) -> None:
+        lines = self.control.lines if self.control else ()
+        while lines:
+            words = lines.popleft()
+            if words[0] == "drain" and len(words) == 2:
+                self.drain_at = float(words[1])
+            elif words[0] == "server" and len(words) == 4:
+                self.server_pid = int(words[1])
+                self.server_cpu0 = float(words[2])
+                self.server_at = float(words[3])
+
+    def reconnect_storm(self) -> dict:
+        o = self.o
+        if self.control is None:
+            raise Stop("reconnect mode needs --control (the runner drains the server)")
+        clients = [c for c in self.subs if c.state == JOINED]
+        self.storm_target = len(clients)
+        for c in clients:
+            c.tries = c.rejoin_tries = 0
+            c.settled_at = 0.0
+        # Closes are seen at once, as a browser sees them.
+        self.read_interval = 0.0
+        self.storming = True
+        if not self.loop_until(lambda: self.drain_at is not None, clock() + o.control_timeout):
+            raise Stop(f"no drain signal within {o.control_timeout:g} s")
+        deadline = self.drain_at + o.storm_timeout
+        meter = Meter(clock, None)
+        done = self.loop_until(lambda: len(self.rejoin_times) >= self.storm_target, deadline)
+        ended = clock()
+        m = meter.stop()
+        # The new server's CPU from the moment it listened until all were back.
+        srv_cpu = None
+        if self.server_pid:
+            with contextlib.suppress(OSError):
+                srv_cpu = process_cpu_seconds(self.server_pid) - self.server_cpu0
+        t0 = self.drain_at
+        times = sorted(t - t0 for t in self.rejoin_times)
+
+        def rank(q: float) -> float | None:
+            k = math.ceil(q * self.storm_target)
+            return round(times[k - 1], 3) if 0 < k <= len(times) else None
+
+        rejoined = len(times)
+        return {
+            "storm_clients": self.storm_target,
+            "rejoined": rejoined,
+            "storm_complete": done,
+            "rejoin_all_s": rank(1.0),
+            "rejoin_50_s": rank(0.5),
+            "rejoin_99_s": rank(0.99),
+            "old_closed_all_s": round(self.last_close_at - t0, 3) if self.last_close_at else None,
+            "new_server_listening_s": round(self.server_at - t0, 3) if self.server_at else None,
+            "closes": dict(self.closes),
+            "connect_refused": self.refused,
+            "connect_errors": dict(self.connect_errors),
+            "handshake_failures": dict(self.handshake_failures),
+            "join_timeouts": self.join_timeouts,
+            "join_errors": dict(self.join_errors),
+            "reconnect_attempts": self.attempts,
+            "max_tries": self.max_tries,
+            "dropped_after_rejoin": self.dropped_again,
+            "storm_server_cpu_s": _round(srv_cpu, 3),
+            # utime+stime tick every 10 ms: below 0.1 s the quotient would be noise.
+            "storm_server_cpu_per_rejoin_us": round(srv_cpu / rejoined * 1e6, 1)
+            if srv_cpu is not None and srv_cpu >= 0.1 and rejoined
+            else None,
+            "storm_wall_s": round(ended - t0, 3),
+            # The generator's own CPU over the storm: near 1.0, it was the limit.
+            "gen_cpu": _ratio(m["gen_cpu_s"], m["wall"]),
+        }
 
 
 class HttpPublisher:
@@ -885,6 +1249,155 @@ class _HttpConn:
                 return
 
 
+class HealthMonitor:
+    """GET /healthz on a fresh connection every `interval` s (one in flight at a time),
+    each bounded by `timeout`: does the server still answer while it is loaded?"""
+
+    def __init__(self, gen: LoadGenerator, interval: float, timeout: float) -> None:
+        self.gen = gen
+        self.interval = interval
+        self.timeout = timeout
+        self.next_at = clock()
+        self.current: _HealthCheck | None = None
+        self.times_ms: list[float] = []
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def tick(self, now: float) -> float:
+        """Start or time out a check; return when to look again."""
+        if self.interval <= 0:
+            return math.inf
+        c = self.current
+        if c is not None and now - c.started > self.timeout:
+            c.done(f"no answer within {self.timeout:g} s")
+        if self.current is None and now >= self.next_at:
+            self.next_at = now + self.interval
+            self.current = _HealthCheck(self)
+        if self.current is not None:
+            # The next check waits for this one: only its timeout is due.
+            return self.current.started + self.timeout
+        return self.next_at
+
+    def finish(self) -> None:
+        """Give up the check in flight: a failure only if it had waited long already."""
+        c = self.current
+        if c is not None:
+            waited = clock() - c.started
+            c.done(f"no answer within {waited:.1f} s" if waited > self.timeout / 2 else None)
+
+    def figures(self) -> dict:
+        t = sorted(self.times_ms)
+        return {
+            "healthz_checks": len(t) + sum(self.failures.values()),
+            "healthz_failures": dict(self.failures),
+            "healthz_p50_ms": round(t[len(t) // 2], 3) if t else None,
+            "healthz_max_ms": round(t[-1], 3) if t else None,
+        }
+
+
+class _HealthCheck:
+    """One timed `GET /healthz`: connect, request, read the status line."""
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+        gen = monitor.gen
+        self.kind = HEALTH
+        self.state = JOINING
+        self.started = clock()
+        self.sent = False
+        self.data = b""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        gen.conns[self.fd] = self
+        err = self.sock.connect_ex((gen.o.host, gen.o.port))
+        gen.ep.register(self.fd, EPOLLOUT)
+        if err not in (0, errno.EINPROGRESS):
+            self.done(f"connect: {os.strerror(err)}")
+
+    def on_event(self, ev: int) -> None:
+        try:
+            if not self.sent:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.done(f"connect: {os.strerror(err)}")
+                    return
+                host = self.monitor.gen.host_header
+                self.sock.send(
+                    f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                self.sent = True
+                self.monitor.gen.ep.modify(self.fd, EPOLLIN)
+                return
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.done(type(exc).__name__)
+            return
+        self.data += data
+        if b"\r\n" in self.data:
+            status = self.data.split(b"\r\n", 1)[0].split()
+            code = status[1].decode(errors="replace") if len(status) > 1 else "?"
+            self.done("" if code == "200" else f"HTTP {code}")
+        elif not data:
+            self.done("closed without an answer")
+
+    def done(self, failure: str | None) -> None:
+        """Record the check ("" succeeded, None: not counted) and close its socket."""
+        m = self.monitor
+        if m.current is not self:
+            return
+        m.current = None
+        if failure:
+            m.failures[failure] += 1
+        elif failure is not None:
+            m.times_ms.append((clock() - self.started) * 1000)
+        m.gen.conns.pop(self.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            m.gen.ep.unregister(self.fd)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        self.sock.close()
+
+
+class Flood:
+    """The hostile client (bench/flooder.py) in its own process, niced so that the
+    generator sharing its core is scheduled first; bounded by `seconds`."""
+
+    def __init__(self, o: argparse.Namespace, seconds: float) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(FLOODER),
+                "--port",
+                str(o.port),
+                "--kind",
+                o.flood,
+                "--duration",
+                str(seconds),
+                "--nice",
+                str(o.flood_nice),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> dict:
+        """End the flood; return the flooder's own account of it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            return {"error": "the flooder did not stop within 15 s of SIGTERM"}
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            return {"error": f"the flooder printed no result: {err.strip()[-300:]}"}
+        return json.loads(lines[-1])
+
+
 def _pct(sorted_us: list[int], q: float) -> float | None:
     if not sorted_us:
         return None
@@ -928,7 +1441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--port", type=int, required=True, help="server port on 127.0.0.1")
     p.add_argument("--server-pid", type=int, help="pid to read CPU and RSS from (/proc)")
-    p.add_argument("--mode", choices=["idle", "rate", "saturate", "presence"], default="saturate")
+    p.add_argument(
+        "--mode", choices=["idle", "rate", "saturate", "presence", "reconnect"], default="saturate"
+    )
     p.add_argument("-n", "--connections", type=int, default=100, help="subscribers to join")
     p.add_argument(
         "--probes",
@@ -1004,6 +1519,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--connect-timeout", type=float, default=120.0, help="bound on the whole connect+join phase"
     )
+    p.add_argument(
+        "--flood",
+        choices=FLOOD_KINDS,
+        help="rate/saturate: one hostile client (bench/flooder.py) floods the server "
+        "through warm-up and the measured window",
+    )
+    p.add_argument("--flood-nice", type=int, default=19, help="the flooder's niceness")
+    p.add_argument(
+        "--healthz-interval",
+        type=float,
+        default=0.0,
+        help="rate/saturate: GET /healthz this often during the run (0: never)",
+    )
+    p.add_argument("--healthz-timeout", type=float, default=2.0)
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help='print "ready" once all joined and take lines on stdin (reconnect mode needs '
+        'it; in idle mode "go" ends the hold)',
+    )
+    p.add_argument(
+        "--control-timeout",
+        type=float,
+        default=60.0,
+        help="reconnect mode: bound on the wait for the drain signal",
+    )
+    p.add_argument(
+        "--storm-timeout",
+        type=float,
+        default=120.0,
+        help="reconnect mode: bound on the wait, from the drain signal, for every rejoin",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="reconnect mode: a connect + upgrade taking longer is given up and retried",
+    )
+    p.add_argument(
+        "--storm-join-timeout",
+        type=float,
+        default=10.0,
+        help="reconnect mode: phoenix.js's push timeout for a join",
+    )
     p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     o = p.parse_args(argv)
     if o.host != "127.0.0.1":
@@ -1035,7 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             print(f"loadgen: no process {o.server_pid} to measure.", file=sys.stderr)
             return 2
-    result = LoadGenerator(o).run()
+    result = (ReconnectStorm if o.mode == "reconnect" else LoadGenerator)(o).run()
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0 if result["error"] is None else 1

@@ -61,9 +61,10 @@ class Meter:
     time the hypervisor ran another guest on it (steal), which is also kept apart.
     """
 
-    def __init__(self, clock, server_pid: int | None) -> None:
+    def __init__(self, clock, server_pid: int | None, helper_pids: tuple[int, ...] = ()) -> None:
         self._clock = clock
         self._pid = server_pid
+        self._helpers = helper_pids  # the generator's own helper processes, counted apart
         self._core = only_cpu(server_pid) if server_pid else None
         self.start()
 
@@ -71,6 +72,7 @@ class Meter:
         self.t0 = self._clock()
         self.own0 = own_cpu_seconds()
         self.srv0 = process_cpu_seconds(self._pid) if self._pid else None
+        self.helpers0 = sum(process_cpu_seconds(pid) for pid in self._helpers)
         self.box0 = cpu_times()
 
     def stop(self) -> dict[str, float | None]:
@@ -78,8 +80,9 @@ class Meter:
         wall = self._clock() - self.t0
         own = own_cpu_seconds() - self.own0
         srv = process_cpu_seconds(self._pid) - self.srv0 if self._pid else None
+        helpers = sum(process_cpu_seconds(pid) for pid in self._helpers) - self.helpers0
         box1 = cpu_times()
-        others = box1["cpu"][0] - self.box0["cpu"][0] - own - (srv or 0.0)
+        others = box1["cpu"][0] - self.box0["cpu"][0] - own - (srv or 0.0) - helpers
         core = steal = None
         if self._core:
             core = box1[self._core][0] - self.box0[self._core][0]
@@ -89,6 +92,7 @@ class Meter:
             "gen_cpu_s": own,
             "server_cpu_s": srv,
             "others_cpu_s": others,
+            "helpers_cpu_s": helpers,
             "server_core_busy_s": core,
             "server_core_steal_s": steal,
         }

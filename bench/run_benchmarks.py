@@ -14,26 +14,35 @@ median over the runs; every run's raw line is kept in bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import queue
 import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procstat import process_cpu_seconds
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
 BLASTER = BENCH_DIR / "blaster.py"
+PROFILER = BENCH_DIR / "profile_connect.py"
 
 SERVER_CONFIG = """\
 # The benchmark's broker config: one relay topic, anyone may join, no presence
@@ -91,10 +100,15 @@ LISTENING = re.compile(r"listening on https?://([0-9.]+):(\d+)")
 
 @dataclass(frozen=True)
 class Scenario:
+    """One measurement: `kind` says who runs it. "loadgen": the generator against a
+    fresh server; "reconnect": the same, with the server drained and started again
+    mid-run; "profile": bench/profile_connect.py, which starts its own server."""
+
     name: str
     title: str
     loadgen_args: str
     timeout: float
+    kind: str = "loadgen"
 
     @property
     def args(self) -> list[str]:
@@ -146,6 +160,51 @@ def full_scenarios() -> list[Scenario]:
             240,
         ),
         *storm_scenarios(),
+        *hostile_scenarios(
+            "--mode rate -n 1000 --rate 20 --probes 100 --warmup 2 --duration 20 "
+            "--healthz-interval 0.5",
+            "1,000 subscribers x 20 broadcasts/s",
+            180,
+        ),
+        Scenario(
+            "reconnect10k",
+            "10,000 joined clients reconnect and rejoin after the server is restarted",
+            "--mode reconnect -n 10000 --probes 0 --storm-timeout 120",
+            300,
+            kind="reconnect",
+        ),
+        Scenario(
+            "profile10k",
+            "where the server's CPU goes in a 10,000-client connect + upgrade + join storm",
+            "-n 10000",
+            300,
+            kind="profile",
+        ),
+    ]
+
+
+HOSTILE_QUIET = "hostile-quiet"
+FLOODS = {
+    "ping": "websocket pings as fast as it can, reading the pongs",
+    "cont": "a text message opened and continued with empty non-final frames for ever",
+    "msg": "valid Phoenix pushes on a topic of its own, as fast as it can",
+}
+
+
+def hostile_scenarios(args: str, load: str, timeout: float) -> list[Scenario]:
+    """The latency of well-behaved clients without a flood and under each kind of flood
+    from one hostile client (see the report's hostile-clients section)."""
+    return [
+        Scenario(HOSTILE_QUIET, f"no flood (baseline): {load}", args, timeout),
+        *(
+            Scenario(
+                f"hostile-{kind}",
+                f"one client floods: {what}; {load}",
+                f"{args} --flood {kind}",
+                timeout,
+            )
+            for kind, what in FLOODS.items()
+        ),
     ]
 
 
@@ -200,6 +259,26 @@ def quick_scenarios() -> list[Scenario]:
             "quick: 30 clients join a presence topic, one diff per join",
             "--mode presence -n 30 --probes 3 --topic eager:storm --settle-timeout 20",
             60,
+        ),
+        *hostile_scenarios(
+            "--mode rate -n 20 --probes 4 --rate 20 --warmup 0.5 --duration 1.5 "
+            "--healthz-interval 0.25",
+            "quick: 20 subscribers x 20 broadcasts/s",
+            60,
+        ),
+        Scenario(
+            "reconnect",
+            "quick: 50 joined clients reconnect and rejoin after the server is restarted",
+            "--mode reconnect -n 50 --probes 0 --storm-timeout 30",
+            90,
+            kind="reconnect",
+        ),
+        Scenario(
+            "profile",
+            "quick: where the server's CPU goes while 300 clients connect and join",
+            "-n 300",
+            120,
+            kind="profile",
         ),
     ]
 
@@ -371,15 +450,19 @@ class ServerProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        poll_interval: float = 0.05,
     ) -> None:
         self.cmd = cmd
         self.log_path = log_path
+        self.poll_interval = poll_interval
         self._log = open(log_path, "w+b")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd
         )
         try:
             self.port = self._wait_listening(timeout=20)
+            # When its "listening" line was seen (within poll_interval of it).
+            self.listening_at = time.monotonic()
         except BaseException:
             self.stop()
             raise
@@ -396,7 +479,7 @@ class ServerProcess:
                     f"the server exited with code {self.proc.returncode} before listening: "
                     f"{text.strip()[-500:]}"
                 )
-            time.sleep(0.05)
+            time.sleep(self.poll_interval)
         raise RuntimeError(f"the server printed no 'listening on' line within {timeout:g} s")
 
     def stop(self) -> int | None:
@@ -440,6 +523,10 @@ def run_one(
     env = None
     if core_path:
         env = {**os.environ, "PYTHONPATH": str(core_path)}
+    if scenario.kind == "reconnect":
+        return run_reconnect(scenario, run, opts, config_path, out_dir, stem, env)
+    if scenario.kind == "profile":
+        return run_profile(scenario, run, opts, out_dir, stem, core_path)
     # Started from the config's directory: `python -m phxbroker` puts its working
     # directory first on sys.path, where a checkout's own package would shadow
     # the one meant to run.
@@ -488,6 +575,193 @@ def run_one(
         problems,
         ablation=ablation.name if ablation else "",
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_on_port(port: int) -> str:
+    """The benchmark config, listening on a fixed port instead of :0."""
+    text = SERVER_CONFIG.format(api_key=API_KEY)
+    fixed = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+    assert fixed != text
+    return fixed
+
+
+class LineReader:
+    """Lines of a child's stdout, read by a thread, each waited for with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def next(self, timeout: float) -> str | None:
+        """The next line; None at the end of output or after `timeout` seconds."""
+        try:
+            return self.lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+
+def restart_server(
+    cmd: list[str], log_path: Path, env, cwd: Path, deadline: float
+) -> tuple[ServerProcess, int]:
+    """Start the server again on the port the old one is releasing; retry while the
+    address is still in use. Return it and how many starts found the port taken."""
+    taken = 0
+    while True:
+        try:
+            return ServerProcess(cmd, log_path, env, cwd=cwd, poll_interval=0.005), taken
+        except RuntimeError as exc:
+            if "already in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            taken += 1
+            time.sleep(0.02)
+
+
+def run_reconnect(
+    scenario: Scenario, run: int, opts, config_path: Path, out_dir: Path, stem: str, env
+) -> RunResult:
+    """A reconnect storm: N clients joined; SIGTERM drains the server (every websocket
+    closed with 1001); the same command starts a new server on the same port at once;
+    the generator times every client's reconnect and rejoin from the signal."""
+    if opts.target != "phxbroker":
+        raise RuntimeError("the reconnect storm needs phxbroker (--target phxbroker)")
+    port = free_port()
+    config = config_path.parent / f"bench-port{port}.toml"
+    config.write_text(config_on_port(port))
+    server_cmd = server_command(opts.target, config)
+    old = ServerProcess(server_cmd, out_dir / f"{stem}.server.log", env, cwd=config.parent)
+    cmd = pinned(
+        1,
+        [
+            sys.executable,
+            str(LOADGEN),
+            "--port",
+            str(port),
+            "--server-pid",
+            str(old.proc.pid),
+            *scenario.args,
+            "--control",
+        ],
+    )
+    deadline = time.monotonic() + scenario.timeout
+    stderr_path = out_dir / f"{stem}.loadgen.err"
+    problems: list[str] = []
+    new = None
+    notes: dict = {}
+    with open(stderr_path, "w") as err:
+        gen = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        out = LineReader(gen.stdout)
+        result: dict | None = None
+        try:
+            line = out.next(deadline - time.monotonic())
+            if line == "ready":
+                drain_at = time.monotonic()
+                old.proc.send_signal(signal.SIGTERM)
+                exited = threading.Thread(target=_note_exit, args=(old, drain_at, notes))
+                exited.start()
+                gen.stdin.write(f"drain {drain_at!r}\n")
+                gen.stdin.flush()
+                new, taken = restart_server(
+                    server_cmd,
+                    out_dir / f"{stem}.restarted.server.log",
+                    env,
+                    config.parent,
+                    drain_at + 20,
+                )
+                cpu = process_cpu_seconds(new.proc.pid)
+                gen.stdin.write(f"server {new.proc.pid} {cpu!r} {new.listening_at!r}\n")
+                gen.stdin.flush()
+                notes["restart_port_taken"] = taken
+                line = out.next(deadline - time.monotonic())
+            while line is not None and not line.startswith("{"):
+                line = out.next(deadline - time.monotonic())
+            if line is None:
+                gen.kill()
+                err.flush()
+                why = stderr_path.read_text(errors="replace").strip()[-500:]
+                result = {"error": f"the load generator gave no result: {why or 'timed out'}"}
+            else:
+                result = json.loads(line)
+        finally:
+            with contextlib.suppress(OSError):
+                gen.stdin.close()
+            if gen.poll() is None:
+                gen.kill()
+            gen.wait()
+            old_code = old.stop()
+            new_code = new.stop() if new else None
+    if old_code not in (0, None):
+        problems.append(f"the drained server exited with code {old_code}")
+    if new_code not in (0, None):
+        problems.append(f"the restarted server exited with code {new_code}")
+    result.update(notes)
+    if result.get("error"):
+        problems.append(result["error"])
+    elif not result.get("storm_complete"):
+        problems.append(
+            f"only {result.get('rejoined')} of {result.get('storm_clients')} clients rejoined"
+        )
+    result["held"] = None
+    (out_dir / f"{stem}.json").write_text(json.dumps(result) + "\n")
+    return RunResult(scenario.name, run, result, cmd, str(old.log_path), problems)
+
+
+def _note_exit(server: ServerProcess, since: float, notes: dict) -> None:
+    """Record (in notes) when a drained server's process ended, counted from `since`;
+    give up after its drain timeout and then some."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.proc.wait(30)
+        notes["old_server_exited_s"] = round(time.monotonic() - since, 3)
+
+
+def run_profile(
+    scenario: Scenario, run: int, opts, out_dir: Path, stem: str, core_path: Path | None
+) -> RunResult:
+    """The connect-storm profile: bench/profile_connect.py starts its own server under
+    the sampling profiler and prints one JSON line."""
+    if opts.target != "phxbroker":
+        raise RuntimeError("the connect-storm profile needs phxbroker (--target phxbroker)")
+    cmd = [
+        sys.executable,
+        str(PROFILER),
+        *scenario.args,
+        "--json",
+        "--keep",
+        str(out_dir / f"{stem}.pyspy.txt"),
+    ]
+    if core_path:
+        cmd += ["--pythonpath", str(core_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scenario.timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        result = (
+            json.loads(lines[-1])
+            if lines
+            else {
+                "error": f"the profiler printed no result (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-500:]}"
+            }
+        )
+    except subprocess.TimeoutExpired:
+        result = {"error": f"the profiler did not finish within {scenario.timeout:g} s"}
+    problems = [result["error"]] if result.get("error") else []
+    result["held"] = None
+    (out_dir / f"{stem}.json").write_text(json.dumps(result) + "\n")
+    return RunResult(scenario.name, run, result, cmd, "", problems)
 
 
 def busy_box(r: RunResult, opts) -> str:
@@ -703,6 +977,9 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         ]
     lines += latency_bound(by_name)
     lines += storm_report(scenarios, by_name)
+    lines += hostile_report(scenarios, by_name)
+    lines += reconnect_report(scenarios, by_name)
+    lines += profile_report(scenarios, by_name)
     lines += ablation_report(runs, by_name, opts)
     lines += ["", "## Scenarios and exact commands", "", f"    {invocation}", ""]
     for sc in scenarios:
@@ -725,6 +1002,10 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         "```toml",
         SERVER_CONFIG.format(api_key=API_KEY).rstrip(),
         "```",
+        "",
+        "(The reconnect storm's servers use the same config listening on a fixed free port, "
+        "so that the restarted one takes the port of the drained one; the profile's run "
+        "under `bench/serve_gc_timed.py`, which times garbage collections.)",
         "",
         "## How the figures are taken",
         "",
@@ -821,6 +1102,183 @@ def storm_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]
             f"| {sc.name}: {sc.title} | {med('connected')} | {med('settle_seconds')} | "
             f"{med('storm_server_cpu_s')} | {med('presence_frames_per_client')} | {probes} |"
         )
+    return lines
+
+
+def _codes(counts: dict) -> str:
+    return ", ".join(f"{code}: {n:,}" for code, n in sorted(counts.items())) or "none"
+
+
+def _summed(dicts: list[dict | None]) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for key, n in (d or {}).items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def hostile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
+    """The hostile-clients section: others' latency under each kind of flood."""
+    floods = [sc for sc in scenarios if "--flood" in sc.loadgen_args and sc.name in main_runs]
+    if not floods:
+        return []
+    quiet_runs = main_runs.get(HOSTILE_QUIET, [])
+    quiet = median([r.result.get("latency_p99_ms") for r in quiet_runs])
+    load = floods[0].title.rsplit("; ", 1)[-1]
+    lines = [
+        "",
+        "## Hostile clients",
+        "",
+        f"A latency run ({load}, probes timing every delivery) with one more client "
+        "flooding the server through warm-up and measured window. The flooder "
+        "(bench/flooder.py) sends websocket pings as fast as the socket takes them and "
+        "reads the pongs (`ping`), or opens a text message and continues it with empty "
+        "non-final frames for ever (`cont`), or pushes valid Phoenix messages on a topic "
+        "of its own (`msg`); whenever the server closes it, it reconnects at once and "
+        "floods again. Others' p50 and p99 come from the probes over the measured window; "
+        "the quiet p99 is the run without a flood from the same sitting, and the goal is "
+        "a p99 within 2x of it. Undelivered: probe deliveries that never arrived (within "
+        "10 s of the last broadcast). Closed: how often the server closed the flooder, by "
+        "close code (eof/ECONNRESET: closed without a close frame), per run. Frames got "
+        "in: whole flood frames the kernel took from the flooder (median per run). Server "
+        "CPU is over the measured window. /healthz: a fresh GET every 0.5 s (quick: "
+        "0.25 s), each bounded by 2 s; failed counts those unanswered. The flooder runs "
+        "niced on the generator's core; its CPU is kept out of the others' figure.",
+        "",
+        f"Quiet p99 (`{HOSTILE_QUIET}`): {_fmt(quiet, ' ms')}, p50 "
+        f"{_fmt(median([r.result.get('latency_p50_ms') for r in quiet_runs]), ' ms')}, "
+        f"/healthz max {_fmt(median([r.result.get('healthz_max_ms') for r in quiet_runs]))} ms.",
+        "",
+        "| flood | others p50 ms | others p99 ms | p99 / quiet p99 | within 2x "
+        "| undelivered | flooder closed (by code) | frames got in | server CPU "
+        "| /healthz max ms (failed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sc in floods:
+        rs = main_runs[sc.name]
+
+        def med(key: str, rs=rs):
+            return median([r.result.get(key) for r in rs])
+
+        p99 = med("latency_p99_ms")
+        ratio = p99 / quiet if p99 is not None and quiet else None
+        flooders = [r.result.get("flooder") or {} for r in rs]
+        closes = [sum((f.get("closes") or {}).values()) for f in flooders]
+        frames = median([f.get("frames_sent") for f in flooders])
+        health_failed = sum(sum((r.result.get("healthz_failures") or {}).values()) for r in rs)
+        kind = sc.name.removeprefix("hostile-")
+        lines.append(
+            f"| `{kind}`: {FLOODS.get(kind, sc.title)} | {_fmt(med('latency_p50_ms'))} "
+            f"| {_fmt(p99)} | {_fmt(round(ratio, 2) if ratio is not None else None)} "
+            f"| {'—' if ratio is None else ('yes' if ratio <= 2 else '**no**')} "
+            f"| {_fmt(med('latency_missing'))} "
+            f"| {', '.join(str(n) for n in closes)} "
+            f"({_codes(_summed([f.get('closes') for f in flooders]))}) "
+            f"| {_fmt(frames)} | {_fmt(med('server_cpu'))} "
+            f"| {_fmt(med('healthz_max_ms'))} ({health_failed}) |"
+        )
+    return lines
+
+
+def reconnect_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
+    """The reconnect-storm section: how long N clients take to be back after a restart."""
+    storms = [sc for sc in scenarios if sc.kind == "reconnect" and sc.name in main_runs]
+    if not storms:
+        return []
+    lines = [
+        "",
+        "## Reconnect storm after a restart",
+        "",
+        "N clients joined to one topic. SIGTERM drains the server (every websocket closed "
+        "with 1001) and the same command, with the same config, starts a new server on the "
+        "same port at once. Every client reconnects and rejoins as phoenix.js 1.8 does: "
+        "reconnect 10, 50, 100, 150, 200, 250, 500, 1000, 2000 ms after each failed try, "
+        "then every 5 s (tries reset when the socket opens); join as soon as it opens; "
+        "rejoin 1, 2, 5, then every 10 s after a join refused or not answered within 10 s. "
+        "Seconds count from the drain signal. Refused: connects refused while nothing "
+        "listened (ECONNREFUSED). Handshakes failed: upgrades that failed, were closed or "
+        "took over 10 s. New server CPU: its utime+stime from listening until every "
+        "client was back, and that per rejoin.",
+        "",
+        "| scenario | clients | new server listening s | 50% back s | 99% back s "
+        "| all back s | connects refused | handshakes failed | join timeouts "
+        "| new server CPU s | µs per rejoin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sc in storms:
+        rs = main_runs[sc.name]
+
+        def med(key: str, rs=rs):
+            return _fmt(median([r.result.get(key) for r in rs]))
+
+        failed = median(
+            [sum((r.result.get("handshake_failures") or {}).values()) for r in rs if r.result]
+        )
+        lines.append(
+            f"| {sc.name}: {sc.title} | {med('storm_clients')} | "
+            f"{med('new_server_listening_s')} | {med('rejoin_50_s')} | {med('rejoin_99_s')} "
+            f"| {med('rejoin_all_s')} | {med('connect_refused')} | {_fmt(failed)} "
+            f"| {med('join_timeouts')} | {med('storm_server_cpu_s')} "
+            f"| {med('storm_server_cpu_per_rejoin_us')} |"
+        )
+    return lines
+
+
+def profile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResult]]) -> list[str]:
+    """The connect-storm profile section: server CPU per connect, by category."""
+    profiles = [sc for sc in scenarios if sc.kind == "profile" and sc.name in main_runs]
+    idle = main_runs.get("idle", [])
+    unprofiled = median([r.result.get("server_cpu_per_join_us") for r in idle])
+    lines: list[str] = []
+    for sc in profiles:
+        rs = [r for r in main_runs[sc.name] if r.result.get("categories")]
+        if not rs:
+            continue
+        first = rs[0].result
+
+        def med(key: str, rs=rs):
+            return median([r.result.get(key) for r in rs])
+
+        cost = med("us_per_connect")
+        profiled = median([(r.result.get("profiled") or {}).get("us_per_connect") for r in rs])
+        lines += [
+            "",
+            f"## Where a connect's CPU goes ({sc.name})",
+            "",
+            f"{sc.title[:1].upper()}{sc.title[1:]}. The storm runs twice on fresh "
+            "servers. The first runs as it is: the server's utime+stime over it / clients "
+            "joined is the cost per connect, and `gc.callbacks` in the server times the "
+            f"garbage collector's part. The second runs under py-spy ({first.get('rate')} "
+            "samples/s, Python frames) from before the first connect until the last client "
+            "has joined; each sample is put in a category by its stack (the rules in "
+            "`bench/profile_connect.py`: library internals count where phxbroker called "
+            "them), and the categories share what the collector left in proportion to "
+            "their samples (the sampler cannot see the collector; its own stops cost the "
+            "server CPU, so the cost comes from the first storm). µs per connect: the "
+            "share times the cost. Medians over the runs.",
+            "",
+            f"Server CPU per connect + upgrade + join: {_fmt(cost, ' µs')} "
+            f"({_fmt(med('connected'))} clients, {_fmt(med('gc_cpu_s'), ' s')} in "
+            f"collections; under the profiler {_fmt(profiled, ' µs')} per connect, "
+            f"{_fmt(med('samples'))} samples)"
+            + (f"; the idle scenario measured {_fmt(unprofiled, ' µs')}." if unprofiled else "."),
+            "",
+            "| category | % of server CPU | µs per connect |",
+            "|---|---|---|",
+        ]
+        for row in first["categories"]:
+            name = row["category"]
+            cells = [c for r in rs for c in r.result["categories"] if c["category"] == name]
+            share = median([c["share"] for c in cells])
+            us = median([c["us_per_connect"] for c in cells])
+            lines.append(
+                f"| {name} | {_fmt(round(share * 100, 1) if share is not None else None)} "
+                f"| {_fmt(us)} |"
+            )
+        top = first.get("other_top") or []
+        if top:
+            lines += ["", 'The frames most often left in "other" (first run):', ""]
+            lines += [f"- {e['samples']} samples: `{e['frame']}`" for e in top]
     return lines
 
 
@@ -941,7 +1399,10 @@ def main(argv: list[str] | None = None) -> int:
     # An ablation is compared with the main set, so its scenarios run there too.
     ablations = [a for a in ABLATIONS if a.name in opts.ablation_names]
     needed = {n for a in ablations for n in a.scenarios if n in available}
-    scenarios += [available[n] for n in available if n in needed and available[n] not in scenarios]
+    # A flood's latency is read against the quiet run from the same sitting.
+    if any("--flood" in sc.loadgen_args for sc in scenarios) and HOSTILE_QUIET in available:
+        needed.add(HOSTILE_QUIET)
+    scenarios = [sc for n, sc in available.items() if sc in scenarios or n in needed]
     output = opts.output or (None if opts.quick else REPO_DIR / "BENCHMARKS.md")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = BENCH_DIR / "results" / stamp
