@@ -70,6 +70,9 @@ class LimitsConfig:
     message_rate: float = 100.0
     message_burst: int = 200
     rate_limit_close_after: int = 200
+    frame_rate: float = 10_000.0  # websocket frames of every kind, per second
+    frame_burst: int = 20_000
+    max_fragments: int = 128  # frames one websocket message may come in
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +487,9 @@ def _parse_limits(t: Table) -> LimitsConfig:
         rate_limit_close_after=t.integer(
             "rate_limit_close_after", d.rate_limit_close_after, minimum=0
         ),
+        frame_rate=t.number("frame_rate", d.frame_rate, minimum=0),
+        frame_burst=t.integer("frame_burst", d.frame_burst, minimum=1),
+        max_fragments=t.integer("max_fragments", d.max_fragments, minimum=1),
     )
     t.done()
     return cfg

@@ -64,6 +64,9 @@ class SocketHub:
         self.message_rate = limits.message_rate
         self.message_burst = limits.message_burst
         self.rate_limit_close_after = limits.rate_limit_close_after
+        self.frame_rate = limits.frame_rate
+        self.frame_burst = limits.frame_burst
+        self.max_fragments = limits.max_fragments
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where write-drain tasks for full sockets are started."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("phxbroker.websocket")
 
 OPEN, CLOSING, CLOSED = 0, 1, 2
+EVENTS_PER_TURN = 256  # frames parsed before the reader lets other tasks run
 
 
 class WebSocketPeer:
@@ -204,20 +205,36 @@ class WebSocketPeer:
         self.send(self.serializer.encode_reply(None, ref, HEARTBEAT_TOPIC, "ok", {}))
 
     async def run(self, inbound: Inbound, trailing_data: bytes = b"") -> None:
-        """Read until the connection ends; client messages go to the broker in order."""
+        """Read until the connection ends; client messages go to the broker in order.
+
+        Every frame (pings and the pieces of a fragmented message included) spends from
+        the connection's frame budget, and a message may come in at most max_fragments
+        frames: a client over either is closed with 1008 and what it sends after is read
+        and dropped unparsed. The reader yields to other tasks after every read that did
+        not have to wait, so a client that keeps the socket full cannot hold the loop.
+        """
         ws = Connection(ConnectionType.SERVER)
         hub = self.hub
         stats = hub.stats
         sock = self.sock
+        frames = TokenBucket(hub.frame_rate, hub.frame_burst, hub.now) if hub.frame_rate else None
+        max_fragments = hub.max_fragments
         parts: list[Any] = []
         size = 0
+        flooded = False
+        waited = True
         data = trailing_data
         while True:
-            if data:
+            if data and not flooded:
                 self.last_rx = hub.now
                 stats.bytes_in += len(data)
                 ws.receive_data(data)
-                for event in ws.events():
+                for handled, event in enumerate(ws.events(), 1):
+                    if handled % EVENTS_PER_TURN == 0:
+                        await trio.lowlevel.checkpoint()  # a read full of tiny frames
+                    if frames is not None and not frames.take(hub.now):
+                        flooded = self._flooded(f"more than {hub.frame_rate:g} frames per second")
+                        break
                     if isinstance(event, TextMessage | BytesMessage):
                         if self.state != OPEN:
                             continue
@@ -232,6 +249,11 @@ class WebSocketPeer:
                             continue
                         parts.append(event.data)
                         if not event.message_finished:
+                            if len(parts) > max_fragments:
+                                flooded = self._flooded(
+                                    f"a message in more than {max_fragments} frames"
+                                )
+                                break
                             continue
                         payload = parts[0] if len(parts) == 1 else type(parts[0])().join(parts)
                         parts.clear()
@@ -245,6 +267,8 @@ class WebSocketPeer:
                         )
                 if self.dirty:
                     self.flush()
+            elif data:
+                stats.bytes_in += len(data)  # a flooder's bytes, dropped unparsed
             try:
                 data = sock.recv(RECV_SIZE)
             except BlockingIOError:
@@ -252,12 +276,25 @@ class WebSocketPeer:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
+                waited = True
                 data = b""
                 continue
             except OSError:
                 return
             if not data:
                 return
+            if not waited:
+                await trio.lowlevel.checkpoint()  # more was waiting: let the others run first
+            waited = False
+
+    def _flooded(self, what: str) -> bool:
+        """Close a client that sent `what` (1008), once; True."""
+        stats = self.hub.stats
+        stats.count_refusal("frame_flood")
+        log.info("closing %s: %s", self, what)
+        if self.state == OPEN:
+            self.close(close_codes.POLICY_VIOLATION, "too many frames")
+        return True
 
     async def _on_message(self, payload: str | bytes, inbound: Inbound) -> None:
         try:
