@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from golden_replay import serve
+from support.daemon import serve
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from phxbroker.auth.bans import Bans, parse_duration

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import trio
-from golden_replay import serve
-from test_transport import expect_close, roundtrip_ok
+from support.daemon import serve
+from support.websocket_client import expect_close, roundtrip_ok
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 KEY = "backend-key"

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support.phoenix_token_mint import mint
-from test_phoenix_token import VECTOR_SECRET, VECTORS
+from support.token_vectors import VECTOR_SECRET, VECTORS
 
 from phxbroker.auth.authenticator import Authenticator, Refused
 from phxbroker.config.settings import load_config, parse_config

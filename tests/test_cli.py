@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.broker import BrokerProcess
+from support.cli import assert_one_sentence, cli
 from support.node_client import NodeClient
 
 CONFIG = {
@@ -41,24 +42,6 @@ ADMIN_COMMANDS = [
     ["publish", "room:a", "hello"],
     ["reload"],
 ]
-
-
-def cli(*args: str | Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "phxbroker", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def assert_one_sentence(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
 
 
 def connected(

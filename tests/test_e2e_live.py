@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from support.broker import BrokerProcess
+from support.cli import add_token, cli
 from support.node_client import NodeClient
-from test_cli import cli
-from test_tokens import add
 
 BrokerFactory = Callable[..., BrokerProcess]
 NodeFactory = Callable[..., NodeClient]
@@ -258,8 +257,8 @@ def test_tokens_added_and_revoked_take_effect_on_reload_without_dropping_others(
     broker_factory: BrokerFactory, node_client_factory: NodeFactory, tokens_setup
 ) -> None:
     prepare, tokens_path = tokens_setup
-    alice_token = add(prepare, "alice")
-    bob_token = add(prepare, "bob")
+    alice_token = add_token(prepare, "alice")
+    bob_token = add_token(prepare, "bob")
     broker = broker_factory({"auth": {"tokens_file": str(tokens_path)}, "topics": [ROOM]})
     config = broker.config_path
 
@@ -269,7 +268,7 @@ def test_tokens_added_and_revoked_take_effect_on_reload_without_dropping_others(
         assert client.join("room:lobby")["status"] == "ok"
 
     # A new token works only once the daemon reloads.
-    carol_token = add(config, "carol")
+    carol_token = add_token(config, "carol")
     carol = node_client_factory("carol")
     carol.connect(broker.socket_url(), {"token": carol_token}, **FAST_RECONNECT)
     expect_refused_reconnect(carol)
@@ -302,8 +301,8 @@ def test_revoking_a_shared_secret_closes_every_user_it_admitted(
     broker_factory: BrokerFactory, node_client_factory: NodeFactory, tokens_setup
 ) -> None:
     prepare, tokens_path = tokens_setup
-    shared = add(prepare, "*")
-    own = add(prepare, "frank")
+    shared = add_token(prepare, "*")
+    own = add_token(prepare, "frank")
     broker = broker_factory(
         {
             "auth": {"tokens_file": str(tokens_path), "token_param": "pass", "user_param": "user"},
@@ -351,7 +350,7 @@ def test_a_daemon_started_from_init_accepts_the_secrets_it_printed(
     assert alice.expect({"type": "channel_event", "event": "news"})["payload"] == {"n": 1}
 
     # Rotate the API key without a restart: the new one works and the old one is refused.
-    new_key = add(broker.config_path, "backend-2", "--api")
+    new_key = add_token(broker.config_path, "backend-2", "--api")
     assert (
         cli("token", "revoke", "backend", "--api", "--config", broker.config_path).returncode == 0
     )

@@ -10,7 +10,8 @@ POST /api/disconnect are the HTTP API.
 from __future__ import annotations
 
 import pytest
-from golden_replay import TRANSCRIPTS, Replay, load, serve
+from support.daemon import serve
+from support.golden import TRANSCRIPTS, Replay, load
 
 API_KEY = "golden-api-key"
 

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import trio
-from golden_replay import serve
+from support.daemon import serve
 from support.http_client import HttpClient, fetch
 
 CONFIG = """

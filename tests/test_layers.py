@@ -108,3 +108,20 @@ def test_sans_io_layers_load_no_io_library(layer: str) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == "[]", f"importing phxbroker.{layer} loads {loaded}"
+
+
+def test_no_test_module_imports_another() -> None:
+    tests = Path(__file__).resolve().parent
+    for path in tests.rglob("*.py"):
+        if "node_modules" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.split(".")[0].startswith(("test_", "conftest")), (
+                    f"{path.relative_to(tests)} imports {name}: shared helpers go in tests/support/"
+                )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from golden_replay import serve
+from support.daemon import serve
 from support.http_client import HttpClient, Response, fetch
 from trio_websocket import open_websocket_url
 

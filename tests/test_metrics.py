@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import trio
-from golden_replay import serve
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support.daemon import serve
 from support.http_client import HttpClient, fetch
 from trio_websocket import ConnectionRejected, open_websocket_url
 

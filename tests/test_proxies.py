@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import trio
-from golden_replay import serve
+from support.daemon import serve
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 CONFIG = """

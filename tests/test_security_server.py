@@ -10,7 +10,7 @@ from pathlib import Path
 import jwt
 import pytest
 import trio
-from golden_replay import serve
+from support.daemon import serve
 from support.phoenix_token_mint import mint
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
@@ -165,21 +165,18 @@ async def test_a_reload_that_rotates_the_jwt_secret_closes_only_sockets_it_admit
     config_file.write_text(
         CONFIG.replace('secret_env = "PHX_JWT_SECRET"', 'secret_file = "jwt.secret"')
     )
-    server = Daemon(load_config(config_file))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve)
-        async with (
-            open_websocket_url(url(port, a_jwt())) as by_jwt,
-            open_websocket_url(url(port, "carol-static-token")) as by_static,
-        ):
-            secret_file.write_text("a-brand-new-jwt-secret-0123456789abcdef\n")
-            assert await server.reload()
-            with pytest.raises(ConnectionClosed) as closed, trio.fail_after(TIMEOUT):
-                await by_jwt.get_message()
-            assert closed.value.reason.code == 1001
-            assert (await call(by_static, "1", "room:a", "phx_join", {}))[4]["status"] == "ok"
-            assert await rejected(port, a_jwt()) == 403
-            new_key = "a-brand-new-jwt-secret-0123456789abcdef"
-            async with open_websocket_url(url(port, a_jwt(key=new_key))) as fresh:
-                assert (await call(fresh, "1", "room:a", "phx_join", {}))[4]["status"] == "ok"
-        nursery.cancel_scope.cancel()
+    async with (
+        serve(load_config(config_file)) as (server, port),
+        open_websocket_url(url(port, a_jwt())) as by_jwt,
+        open_websocket_url(url(port, "carol-static-token")) as by_static,
+    ):
+        secret_file.write_text("a-brand-new-jwt-secret-0123456789abcdef\n")
+        assert await server.reload()
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(TIMEOUT):
+            await by_jwt.get_message()
+        assert closed.value.reason.code == 1001
+        assert (await call(by_static, "1", "room:a", "phx_join", {}))[4]["status"] == "ok"
+        assert await rejected(port, a_jwt()) == 403
+        new_key = "a-brand-new-jwt-secret-0123456789abcdef"
+        async with open_websocket_url(url(port, a_jwt(key=new_key))) as fresh:
+            assert (await call(fresh, "1", "room:a", "phx_join", {}))[4]["status"] == "ok"

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_cli import assert_one_sentence, cli
+from support.cli import add_token, assert_one_sentence, cli
 
 from phxbroker.config.settings import load_config
 
@@ -34,14 +34,6 @@ def config(tmp_path: Path) -> Path:
 
 def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-def add(config: Path, name: str, *flags: str) -> str:
-    result = cli("token", "add", name, *flags, "--config", config)
-    assert result.returncode == 0, result.stderr
-    secret = result.stdout.strip()
-    assert result.stdout == secret + "\n"  # the secret, alone on stdout
-    return secret
 
 
 # -- init ----------------------------------------------------------------------------------
@@ -87,9 +79,9 @@ def test_token_add_stores_only_the_digest_atomically_and_keeps_the_main_config(
     config: Path,
 ) -> None:
     tokens_path = config.parent / "tokens.toml"
-    first = add(config, "alice")
-    second = add(config, "alice")  # a second token for the same user (rotation)
-    key = add(config, "backend", "--api")
+    first = add_token(config, "alice")
+    second = add_token(config, "alice")  # a second token for the same user (rotation)
+    key = add_token(config, "backend", "--api")
 
     assert stat.S_IMODE(tokens_path.stat().st_mode) == 0o600
     text = tokens_path.read_text()
@@ -107,9 +99,9 @@ def test_token_add_stores_only_the_digest_atomically_and_keeps_the_main_config(
 
 
 def test_token_revoke_removes_every_token_of_the_user(config: Path) -> None:
-    add(config, "alice")
-    add(config, "alice")
-    kept = add(config, "bob")
+    add_token(config, "alice")
+    add_token(config, "alice")
+    kept = add_token(config, "bob")
 
     result = cli("token", "revoke", "alice", "--config", config)
 
@@ -124,8 +116,8 @@ def test_token_revoke_removes_every_token_of_the_user(config: Path) -> None:
 
 
 def test_token_list_names_but_never_shows_secrets(config: Path) -> None:
-    secret = add(config, "alice")
-    key = add(config, "backend", "--api")
+    secret = add_token(config, "alice")
+    key = add_token(config, "backend", "--api")
 
     table = cli("token", "list", "--config", config)
     as_json = cli("token", "list", "--json", "--config", config)
@@ -160,10 +152,10 @@ def test_token_commands_need_a_tokens_file(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 def test_a_rewritten_tokens_file_keeps_its_owner(config: Path) -> None:
-    add(config, "alice")
+    add_token(config, "alice")
     tokens_path = config.parent / "tokens.toml"
     os.chown(tokens_path, 65534, 65534)  # e.g. the daemon's own user
-    add(config, "bob")
+    add_token(config, "bob")
     info = tokens_path.stat()
     assert (info.st_uid, info.st_gid) == (65534, 65534)
     assert stat.S_IMODE(info.st_mode) == 0o600

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from phxbroker.config.settings import parse_config
-from phxbroker.daemon.assembly import Daemon
-
 TRANSCRIPTS = Path(
-    os.environ.get("PHXBROKER_TRANSCRIPTS", Path(__file__).parent / "golden" / "transcripts")
+    os.environ.get("PHXBROKER_TRANSCRIPTS", Path(__file__).parents[1] / "golden" / "transcripts")
 )
 FRAME_TIMEOUT = 5.0
 
@@ -55,22 +51,6 @@ def mask(value: Any, *, hits: bool = False) -> Any:
     if isinstance(value, list):
         return [mask(v, hits=hits) for v in value]
     return value
-
-
-@asynccontextmanager
-async def serve(config_toml: str):
-    """A real phxbroker server on an ephemeral port, in this test's event loop (without
-    an admin control socket unless the config names one)."""
-    import tomllib
-
-    data = tomllib.loads(config_toml)
-    data.setdefault("admin", {}).setdefault("socket", "")
-    config = parse_config(data, "<golden config>")
-    server = Daemon(config)
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve)
-        yield server, port
-        nursery.cancel_scope.cancel()
 
 
 @dataclass
