@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from phxbroker.broker.activity import ActivityLog
 from phxbroker.broker.presence import Presence
 from phxbroker.broker.stats import Stats
 from phxbroker.broker.topics import TopicRule, find_rule, render_template
@@ -171,6 +172,8 @@ class Broker:
         self.users: dict[str, set[Peer]] = {}
         self._schedule: list[tuple[float, int, Topic]] = []
         self._seq = itertools.count()
+        # Connect, join and leave lines; transports report their connects here too.
+        self.activity = ActivityLog(clock)
         self.configure(rules, max_channels)
 
     # -- configuration -------------------------------------------------------------------
@@ -215,6 +218,7 @@ class Broker:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        self.activity.disconnected(peer, len(peer.channels))
         for channel in list(peer.channels.values()):
             self._unsubscribe(peer, channel)
         if peer.user is not None:
@@ -269,12 +273,18 @@ class Broker:
     # -- time ----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When tick() next has coalesced work to flush, on the broker's clock."""
-        return self._schedule[0][0] if self._schedule else None
+        """When tick() next has coalesced work to flush (or a log summary to write), on the
+        broker's clock."""
+        due = self._schedule[0][0] if self._schedule else None
+        summary = self.activity.next_deadline()
+        if summary is None:
+            return due
+        return summary if due is None else min(due, summary)
 
     def tick(self) -> None:
         """Flush every topic whose coalescing interval has passed."""
         now = self.clock()
+        self.activity.tick(now)
         while self._schedule and self._schedule[0][0] <= now:
             _, _, topic = heapq.heappop(self._schedule)
             topic.due = False
@@ -283,30 +293,39 @@ class Broker:
     # -- protocol ------------------------------------------------------------------------
 
     def _join(self, peer: Peer, msg: Message) -> None:
+        started = time.perf_counter()
         s = peer.serializer
         name = msg.topic
         found = None if name == messages.HEARTBEAT_TOPIC else find_rule(self.rules, name)
         if found is None:
             self.stats.join_errors += 1
             self._send(peer, s.encode_reply, None, msg.ref, name, "error", UNMATCHED)
+            self.activity.join_refused(peer, name, "no [[topics]] pattern matches it", started)
             return
         rule, captures = found
         old = peer.channels.get(name)
         if old is None and len(peer.channels) >= self.max_channels:
             self.stats.join_errors += 1
             self.stats.count_refusal("too_many_channels")
-            log.info(
-                "refused join of %r by %s: %d channels joined already",
-                name,
-                peer,
-                len(peer.channels),
-            )
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", TOO_MANY)
+            self.activity.join_refused(
+                peer,
+                name,
+                f"{len(peer.channels)} channels joined already ([server] max_channels)",
+                started,
+            )
             return
         if not rule.join.allows(peer.user, captures):
             self.stats.join_errors += 1
             self.stats.count_refusal("join_unauthorized")
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", UNAUTHORIZED)
+            self.activity.join_refused(
+                peer,
+                name,
+                f'[[topics]] pattern "{rule.pattern.text}" has {rule.join.describe()}: '
+                + rule.join.refusal(peer.user, captures),
+                started,
+            )
             return
         if old is not None:
             # Duplicate join: Phoenix stops the old channel, joins anew, and only then
@@ -341,6 +360,7 @@ class Broker:
             self._push_raw(peer, channel, "presence_state", topic.presence.snapshot_json())
         if rule.status_event and rule.status_on_join:
             self._push_raw(peer, channel, rule.status_event, self._status_json(topic))
+        self.activity.joined(peer, name, msg.payload, started)
 
     def _leave(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -351,6 +371,7 @@ class Broker:
         self._unsubscribe(peer, channel)
         self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         self._tell_ended(peer, channel, messages.PHX_CLOSE)
+        self.activity.left(peer, msg.topic)
 
     def _push(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -563,3 +584,4 @@ class Broker:
             }
             for user, peers in self.users.items()
         ]
+

@@ -113,6 +113,7 @@ class MetricsConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"  # "text" or "json" (one JSON object per line)
+    connections: bool = True  # connect, join and leave lines at info, as Phoenix writes them
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,8 +458,9 @@ def _parse_log(t: Table) -> LogConfig:
     log_format = t.str("format", "text").lower()
     if log_format not in {"text", "json"}:
         raise t.error("format", 'expected "text" or "json"')
+    connections = t.bool("connections", LogConfig.connections)
     t.done()
-    return LogConfig(level=level, format=log_format)
+    return LogConfig(level=level, format=log_format, connections=connections)
 
 
 def _parse_longpoll(t: Table) -> LongPollConfig:

@@ -184,6 +184,7 @@ class FrontDoor:
             credential=identity.credential,
         )
         trailing = await conn.switch_protocols(headers)
+        server.broker.activity.connected(peer, request.path, request.params, request.received_at)
         await server.run_peer(peer, trailing)
         return True
 
@@ -191,7 +192,8 @@ class FrontDoor:
         self, conn: HttpConnection, request: Request, reason: str, detail: str, status: int = 403
     ) -> bool:
         self.server.stats.count_refusal(reason)
-        log.info("refused connect from %s on %s: %s", request.remote, request.path, detail)
+        if reason != "origin":  # check_origin logs each refused origin once
+            log.info("refused connect from %s on %s: %s", request.remote, request.path, detail)
         await conn.respond(status, close=True)
         return False
 

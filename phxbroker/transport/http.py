@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -54,6 +55,8 @@ class Request:
     remote: str
     body: bytes = b""
     params: dict[str, str] = field(default_factory=dict)
+    # time.perf_counter() when its head was parsed: a connect's log line says how long after.
+    received_at: float = field(default_factory=time.perf_counter)
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

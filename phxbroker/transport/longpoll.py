@@ -284,6 +284,7 @@ class LongPoll:
             await self._refuse(conn, request, exc.reason, str(exc))
             return
         session = self._open(request.remote, serializer, identity)
+        server.broker.activity.connected(session, request.path, params, request.received_at)
         await server.commands.send((server.broker.connect, (session,)))
         await self._answer_messages(conn, session, 410)
 
@@ -385,7 +386,8 @@ class LongPoll:
         self, conn: HttpConnection, request: Request, reason: str, detail: str
     ) -> None:
         self.stats.count_refusal(reason)
-        log.info("refused long-poll connect from %s: %s", request.remote, detail)
+        if reason != "origin":  # check_origin logs each refused origin once
+            log.info("refused long-poll connect from %s: %s", request.remote, detail)
         await self._answer(conn, {"status": 403})
 
     async def _answer(self, conn: HttpConnection, data: dict[str, Any]) -> None:
