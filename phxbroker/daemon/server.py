@@ -20,7 +20,7 @@ import trio
 
 from phxbroker.auth.authenticator import Authenticator
 from phxbroker.auth.bans import Bans
-from phxbroker.auth.origin import origin_problem
+from phxbroker.auth.origin import LoggedOnce, allowing_change, origin_problem
 from phxbroker.broker.core import Broker
 from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import Config, load_config
@@ -100,6 +100,7 @@ class Server:
         self._drain_scope: trio.CancelScope | None = None
         self._hurried = False
         self._accept_error_logged_at = -math.inf
+        self._refused_origins = LoggedOnce()  # phoenix.js retries a refused page for ever
         self._apply_limits(config)
         install_health(self)
         install_metrics(self)
@@ -124,15 +125,27 @@ class Server:
 
     def check_origin(self, request: Request) -> str | None:
         """Why this request's Origin is not allowed, or None when it is (every transport's
-        handshake asks before authenticating)."""
+        handshake asks before authenticating). Each refused origin is logged once, with the
+        config change that would allow it."""
         cfg = self.config.server
-        return origin_problem(
-            request.headers.get("origin"),
+        origin = request.headers.get("origin")
+        problem = origin_problem(
+            origin,
             cfg.check_origin,
             host=cfg.host,
             request_scheme="https" if cfg.tls_context is not None else "http",
             request_host=request.header("host"),
         )
+        if problem and self._refused_origins.first((origin, cfg.check_origin, cfg.host)):
+            change = allowing_change(origin or "", cfg.check_origin)
+            log.info(
+                "refused connect from %s on %s: %s%s (logged once per origin)",
+                request.remote,
+                request.path,
+                problem,
+                f"; to allow it, {change}" if change else "",
+            )
+        return problem
 
     def admission_problem(self, request: Request) -> tuple[int, str, str] | None:
         """(HTTP status, refusal reason, sentence) when the connection carrying this
