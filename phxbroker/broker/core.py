@@ -350,15 +350,19 @@ class Broker:
         if old is not None:
             self._tell_ended(peer, old, messages.PHX_CLOSE)
 
+        status_follows = False
         if peer.user is not None and rule.tracks_users:
             first = peer.user not in topic.user_sockets
             topic.user_sockets[peer.user] = topic.user_sockets.get(peer.user, 0) + 1
             if first:
-                self._status_changed(topic, "users")
+                status_follows = self._status_changed(topic, "users")
         if topic.presence is not None:
             self._track(peer, channel, msg.payload)
             self._push_raw(peer, channel, "presence_state", topic.presence.snapshot_json())
-        if rule.status_event and rule.status_on_join:
+        # A joiner is a subscriber already: when its join changed the status map (or a change
+        # is pending), the broadcast that follows reaches it, so it gets the map once, as
+        # from a Phoenix channel that broadcasts on join.
+        if rule.status_event and rule.status_on_join and not (status_follows or topic.status_dirty):
             self._push_raw(peer, channel, rule.status_event, self._status_json(topic))
         self.activity.joined(peer, name, msg.payload, started)
 
@@ -490,7 +494,9 @@ class Broker:
     def _presence_changed(self, topic: Topic) -> None:
         self._schedule_flush(topic)
 
-    def _status_changed(self, topic: Topic, field: str) -> None:
+    def _status_changed(self, topic: Topic, field: str) -> bool:
+        """Mark the status map changed; True when that means a status broadcast (sent now,
+        or due within coalesce_ms)."""
         # "users" also stands for user_count, which changes with it.
         fields = topic.rule.status_fields
         if topic.rule.status_event and (
@@ -498,6 +504,8 @@ class Broker:
         ):
             topic.status_dirty = True
             self._schedule_flush(topic)
+            return True
+        return False
 
     def _schedule_flush(self, topic: Topic) -> None:
         if topic.due:
@@ -568,7 +576,7 @@ class Broker:
             {
                 "topic": t.name,
                 "subscribers": len(t.subscribers),
-                "users": len(t.user_sockets),
+                "users": _user_count(t),
                 "presences": len(t.presence) if t.presence is not None else None,
                 "hits": t.hits,
             }
@@ -585,3 +593,10 @@ class Broker:
             for user, peers in self.users.items()
         ]
 
+
+def _user_count(topic: Topic) -> int:
+    """Distinct users subscribed to a topic. Topics with presence or a status map keep that
+    list on every join; for the others it is counted here, when someone asks."""
+    if topic.rule.tracks_users:
+        return len(topic.user_sockets)
+    return len({peer.user for peer in topic.subscribers if peer.user is not None})
