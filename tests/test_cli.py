@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 from support.broker import BrokerProcess
 from support.node_client import NodeClient
 
@@ -122,6 +123,34 @@ def test_a_missing_or_broken_config_is_one_sentence(tmp_path: Path) -> None:
     off = tmp_path / "off.toml"
     off.write_text('[admin]\nsocket = ""\n')
     assert_one_sentence(cli("users", "--config", off), 2, "turns the admin socket off")
+
+
+def test_check_config_takes_the_file_as_every_command_does(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text(tomli_w.dumps(CONFIG))
+    for args in (["--config", config], [config], [config, "--config", config]):
+        result = cli("check-config", *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{config}: ok (1 topic patterns, 2 static tokens)\n"
+        assert result.stderr == ""
+    other = tmp_path / "other.toml"
+    assert_one_sentence(cli("check-config", config, "--config", other), 2, "give the config")
+    assert_one_sentence(cli("check-config", "--config", other), 2, str(other), "does not exist")
+
+
+def test_check_config_passes_a_config_that_lets_nobody_in_with_a_warning(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:4000"\n')
+    result = cli("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok (0 topic patterns, 0 static tokens)\n"
+    assert result.stderr.splitlines() == [
+        f"phxbroker: warning: {config}: no [[topics]]: every join is refused with "
+        '"unmatched topic"',
+        f"phxbroker: warning: {config}: no connect tokens ([[auth.tokens]] or the tokens file), "
+        "no [auth.jwt], no [auth.phoenix_token] and allow_anonymous = false: every connect is "
+        "refused",
+    ]
 
 
 # -- against a live daemon -----------------------------------------------------------------
