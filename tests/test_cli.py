@@ -232,6 +232,36 @@ def test_topics_users_and_publish(
     assert_one_sentence(refused, 1, "reserved")
 
 
+def test_kick_and_publish_say_so_when_they_reach_nobody(
+    broker_factory: Callable[..., BrokerProcess], node_client_factory: Callable[..., NodeClient]
+) -> None:
+    broker = broker_factory(CONFIG)
+    connected(node_client_factory, broker, "bob-token", "room:lobby")
+    config = broker.config_path
+
+    assert_one_sentence(cli("kick", "carol", "--config", config), 1, "carol has no open connection")
+    assert_one_sentence(
+        cli("kick", "bob", "--topic", "room:side", "--config", config),
+        1,
+        "bob has not joined room:side",
+    )
+    assert_one_sentence(
+        cli("publish", "lobby", "note", "--config", config),
+        1,
+        "no [[topics]] pattern matches 'lobby', so no client can join it",
+    )
+    # A ban still does something, and a topic clients may join is published to.
+    banned = cli("kick", "carol", "--ban", "1m", "--config", config)
+    assert (banned.returncode, banned.stdout) == (
+        0,
+        "carol has no open connection, connects refused for 1m 00s\n",
+    )
+    quiet = cli("publish", "room:empty", "note", "--config", config)
+    assert (quiet.returncode, quiet.stdout) == (0, "published note to room:empty (0 subscribers)\n")
+    kicked = cli("kick", "bob", "--topic", "room:lobby", "--config", config)
+    assert (kicked.returncode, kicked.stdout) == (0, "removed bob from room:lobby (1 channel)\n")
+
+
 def test_reload_applies_a_good_config_and_refuses_a_broken_one(
     broker_factory: Callable[..., BrokerProcess],
 ) -> None:

@@ -191,7 +191,7 @@ def test_token_add_stores_only_the_digest_atomically_and_keeps_the_main_config(
 ) -> None:
     tokens_path = config.parent / "tokens.toml"
     first = add(config, "alice")
-    second = add(config, "alice")  # a second token for the same user (rotation)
+    second = add(config, "bob")
     key = add(config, "backend", "--api")
 
     assert stat.S_IMODE(tokens_path.stat().st_mode) == 0o600
@@ -204,14 +204,39 @@ def test_token_add_stores_only_the_digest_atomically_and_keeps_the_main_config(
     assert [(t.user, t.sha256) for t in loaded.auth.tokens] == [
         ("carol", digest("carol-token")),
         ("alice", digest(first)),
-        ("alice", digest(second)),
+        ("bob", digest(second)),
     ]
     assert [(k.name, k.sha256) for k in loaded.api.keys] == [("backend", digest(key))]
 
 
+@pytest.mark.parametrize("flags", [(), ("--api",)], ids=["token", "api-key"])
+def test_a_second_add_is_refused_and_replace_rotates(config: Path, flags: tuple[str, ...]) -> None:
+    old = add(config, "bob", *flags)
+
+    again = cli("token", "add", "bob", *flags, "--config", config)
+    assert_one_sentence(again, 1, "already", str(config.parent / "tokens.toml"), "--replace")
+    assert again.stdout == ""
+
+    new = add(config, "bob", *flags, "--replace")
+    loaded = load_config(config)
+    digests = [t.sha256 for t in loaded.auth.tokens if t.user == "bob"] + [
+        k.sha256 for k in loaded.api.keys if k.name == "bob"
+    ]
+    assert digests == [digest(new)]
+    assert digest(old) not in digests
+
+
+def test_a_token_in_the_main_config_is_not_replaced_behind_its_back(config: Path) -> None:
+    assert_one_sentence(cli("token", "add", "carol", "--config", config), 1, "already")
+    result = cli("token", "add", "carol", "--replace", "--config", config)
+    assert_one_sentence(result, 1, str(config), "by hand")
+    assert config.read_text() == MAIN_CONFIG
+
+
 def test_token_revoke_removes_every_token_of_the_user(config: Path) -> None:
-    add(config, "alice")
-    add(config, "alice")
+    tokens_path = config.parent / "tokens.toml"
+    entry = '[[auth.tokens]]\nuser = "alice"\ntoken = "{}"\n'
+    tokens_path.write_text(entry.format("a1") + entry.format("a2"))  # two, written by hand
     kept = add(config, "bob")
 
     result = cli("token", "revoke", "alice", "--config", config)

@@ -152,12 +152,21 @@ def kick(config_path: Path, user: str, topic: str | None, reason: str, ban: str 
             fail("--ban refuses connects, so it cannot be combined with --topic", 2)
     result = call(config_path, "kick", user=user, topic=topic, reason=reason, ban=ban_seconds)
     if topic is not None:
+        if not result["removed"]:
+            fail(f"{user} has not joined {topic}: nobody was removed")
         click.echo(f"removed {user} from {topic} ({_count(result['removed'], 'channel')})")
         return
-    line = f"kicked {user} ({_count(result['closed'], 'connection')} closed)"
-    if ban_seconds is not None:
-        line += f", connects refused for {format_duration(ban_seconds)}"
-    click.echo(line)
+    if ban_seconds is None:
+        if not result["closed"]:
+            fail(f"{user} has no open connection: nobody was kicked")
+        click.echo(f"kicked {user} ({_count(result['closed'], 'connection')} closed)")
+        return
+    kicked = (
+        f"kicked {user} ({_count(result['closed'], 'connection')} closed)"
+        if result["closed"]
+        else f"{user} has no open connection"
+    )
+    click.echo(f"{kicked}, connects refused for {format_duration(ban_seconds)}")
 
 
 @click.command()

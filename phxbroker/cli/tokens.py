@@ -249,15 +249,44 @@ def _save(tokens: TokensFile) -> None:
 @config_option
 @click.argument("name")
 @click.option("--api", is_flag=True, help="NAME names an API key rather than a user.")
-def token_add(config_path: Path, name: str, api: bool) -> None:
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Rotate: the new secret replaces NAME's (the old one stops working on reload).",
+)
+def token_add(config_path: Path, name: str, api: bool, replace: bool) -> None:
     """Make a token for user NAME (or an API key named NAME) and print it once."""
     tokens = _open(config_path)
+    kind = "api key" if api else "token"
+    what = f"an API key named {name}" if api else f"a token for {name}"
+    existing = [e for e in tokens.entries() if e.kind == kind and e.name == name]
+    in_main_config = [e for e in existing if e.source == tokens.config_path]
+    if existing and not replace:
+        fail(
+            f"there is {what} already, in {existing[0].source}: "
+            f"`phxbroker token add {name}{' --api' if api else ''} --replace` rotates it"
+        )
+    if in_main_config:
+        fail(
+            f"{what} is in {tokens.config_path}, not in the tokens file: "
+            "remove it there by hand, then add the new one"
+        )
+    if existing and api:
+        tokens.revoke_api_keys(name)
+    elif existing:
+        tokens.revoke_tokens(name)
     secret = tokens.add_api_key(name) if api else tokens.add_token(name)
     _save(tokens)
     click.echo(secret)
-    kind = f"API key {name}" if api else f"token for {name}"
+    if existing:
+        click.echo(
+            f"replaced {what} in {tokens.path} (shown once above; only its SHA-256 is kept); "
+            "`phxbroker reload` applies it and closes the sockets the old one opened",
+            err=True,
+        )
+        return
     click.echo(
-        f"added the {kind} to {tokens.path} (shown once above; only its SHA-256 is kept); "
+        f"added {what} to {tokens.path} (shown once above; only its SHA-256 is kept); "
         "`phxbroker reload` applies it",
         err=True,
     )

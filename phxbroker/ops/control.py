@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from phxbroker.broker.topics import find_rule
 from phxbroker.ops import control_protocol
 from phxbroker.ops.control_protocol import AdminProtocolError, LineBuffer
 from phxbroker.ops.report import build_report
@@ -193,6 +194,11 @@ class ControlSocket:
         if event.startswith("phx_"):
             raise CommandError(f"event {event!r} is reserved by the protocol (phx_*)")
         server = self.server
+        if find_rule(server.broker.rules, topic) is None:
+            raise CommandError(
+                f"no [[topics]] pattern matches {topic!r}, so no client can join it: "
+                "nothing was published"
+            )
         reached = await server.ask(server.broker.publish, topic, event, payload or {})
         return {"subscribers": reached}
 
