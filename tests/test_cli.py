@@ -156,6 +156,14 @@ def test_check_config_passes_a_config_that_lets_nobody_in_with_a_warning(tmp_pat
 # -- against a live daemon -----------------------------------------------------------------
 
 
+def test_serve_logs_the_same_warnings_when_it_starts(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory({"server": {}})
+    broker.wait_for_log(r"WARNING phxbroker: .*phxbroker\.toml: no \[\[topics\]\]: every join")
+    broker.wait_for_log(r"WARNING phxbroker: .*: no connect tokens .*: every connect is refused")
+
+
 def test_stats_once_json_reports_the_live_daemon(
     broker_factory: Callable[..., BrokerProcess], node_client_factory: Callable[..., NodeClient]
 ) -> None:

@@ -110,7 +110,7 @@ def key_presses() -> Iterator[Callable[[float], str | None]]:
     (None when none came). The terminal is in cbreak mode meanwhile (keys arrive unbuffered
     and unechoed, Ctrl-C still interrupts) and restored after. Without a terminal it only
     waits."""
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         yield lambda timeout: time.sleep(timeout)
         return
     fd = sys.stdin.fileno()

@@ -172,7 +172,7 @@ def init(
 ) -> None:
     """Write a fresh config and tokens file into DIR (default /etc/phxbroker)."""
     allowed = list(origins)
-    if not allowed and sys.stdin.isatty():
+    if not allowed and sys.stdin is not None and sys.stdin.isatty():
         answer = click.prompt(
             ORIGIN_PROMPT,
             default="",
