@@ -6,10 +6,18 @@ E2E := tests/e2e
 
 .PHONY: serve test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(BIN)/pip:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "phxbroker needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What `make serve` needs: phxbroker and its runtime dependencies, nothing for the tests.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+# Everything the tests and the benchmarks need as well.
+$(VENV)/.installed: pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -21,7 +29,7 @@ $(E2E)/node_modules/.installed: $(E2E)/package.json $(E2E)/package-lock.json
 	scripts/install-system-packages.sh
 	@touch $@
 
-serve: $(VENV)/.installed
+serve: $(VENV)/.serve-installed
 	$(BIN)/phxbroker serve --config config.example.toml
 
 lint: $(VENV)/.installed

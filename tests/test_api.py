@@ -244,7 +244,7 @@ async def test_stats_reports_connections_topics_and_counters() -> None:
     assert report["user_count"] == 2
     assert report["topic_count"] == 1
     assert report["topics"] == [
-        {"topic": "room:lobby", "subscribers": 2, "users": 0, "presences": None, "hits": 0}
+        {"topic": "room:lobby", "subscribers": 2, "users": 2, "presences": None, "hits": 0}
     ]
     assert report["counters"]["joins"] == 2
     assert report["counters"]["messages_in"] == 2  # the two joins, each counted once

@@ -100,6 +100,27 @@ def test_jwt_claim_options() -> None:
     assert verifier.verify(token) == "99"  # expired 10 s ago, within the leeway
 
 
+def test_a_guardian_token_maps_to_its_user_through_the_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guardian_secret = "g" * 64  # HS512 wants 64 bytes
+    monkeypatch.setenv("PHX_JWT_SECRET", guardian_secret)
+    verifier = parse_config(
+        auth(
+            jwt={
+                "algorithms": ["HS512"],
+                "secret_env": "PHX_JWT_SECRET",
+                "user_claim_pattern": "User:{user}",
+                "issuer": "board",
+                "audience": "board",
+            }
+        )
+    ).auth.jwt.verifier
+    claims = {"sub": "User:1", "iss": "board", "aud": "board", "typ": "access"}
+    token = jwt.encode({**claims, "exp": time.time() + 60}, guardian_secret, "HS512")
+    assert verifier.verify(token) == "1"
+
+
 def test_phoenix_token_options() -> None:
     verifier = parse_config(
         auth(
@@ -182,6 +203,10 @@ def test_tokens_minted_by_real_phoenix_verify_through_the_config(
             r"auth\.jwt\.issuer: expected a non-empty",
         ),
         ({"secret_env": "PHX_JWT_SECRET", "sceret": 1}, r"auth\.jwt\.sceret: unknown key"),
+        (
+            {"secret_env": "PHX_JWT_SECRET", "user_claim_pattern": "User:"},
+            r'auth\.jwt\.user_claim_pattern: user_claim_pattern must contain "\{user\}" once',
+        ),
     ],
 )
 def test_jwt_config_errors(monkeypatch: pytest.MonkeyPatch, section: dict, error: str) -> None:
@@ -322,7 +347,9 @@ def test_the_commented_sections_of_the_example_config_work(monkeypatch: pytest.M
         sections.append("\n".join([header, *lines]))
     config = parse_config(tomllib.loads("\n".join(sections)))
     token = jwt.encode(
-        {"sub": "5", "iss": "board", "aud": "board", "exp": time.time() + 60}, "e" * 64, "HS512"
+        {"sub": "User:5", "iss": "board", "aud": "board", "exp": time.time() + 60},
+        "e" * 64,
+        "HS512",
     )
     assert config.auth.jwt.verifier.verify(token) == "5"
     assert config.auth.phoenix_token.verifier.verify(good_phoenix_token({"id": 6})) == "6"

@@ -497,7 +497,11 @@ def test_hostile_scenarios_measure_others_latency_under_each_flood(tmp_path):
         flooder = r["flooder"]
         assert flooder["kind"] == kind and flooder["connections"] >= 1
         assert flooder["frames_sent"] > 0
-        assert flooder["frames_sent"] == sum(flooder["frames_per_connection"])
+        listed = flooder["frames_per_connection"]  # the first MAX_LISTED connections
+        if flooder["connections"] == len(listed):
+            assert flooder["frames_sent"] == sum(listed)
+        else:  # closed and back so often that not every connection is listed
+            assert flooder["frames_sent"] > sum(listed) and len(listed) == 200
         assert r["healthz_checks"] >= 1
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Hostile clients" in report

@@ -7,55 +7,12 @@ import tomllib
 from typing import Any
 
 import pytest
-from support.fake_peer import FakePeer
+from support.fake_peer import CONFIG, Clock, FakePeer, connect, join
 
 from phxbroker.broker.core import Broadcast, Broker
 from phxbroker.config.settings import parse_config
 from phxbroker.protocol.messages import Message
-from phxbroker.protocol.serializers import V1, V2, Serializer
-
-CONFIG = """
-[server]
-max_channels = 3
-[[topics]]
-pattern = "room:*"
-join_reply = { joined = "{suffix}", by = "{user}" }
-relay = ["new_msg"]
-relay_user_key = "user"
-echo = ["ping"]
-count = ["hit"]
-presence = true
-presence_meta = ["status"]
-presence_update = ["set_status"]
-coalesce_ms = 100
-[[topics]]
-pattern = "users:{user}"
-join = "self"
-[[topics]]
-pattern = "crashy"
-unhandled = "crash"
-[[topics]]
-pattern = "quiet"
-unhandled = "ignore"
-[[topics]]
-pattern = "public"
-join = "anyone"
-[[topics]]
-pattern = "all"
-count = ["hit"]
-relay = ["msg"]
-history = 2
-status_event = "status_users"
-coalesce_ms = 100
-"""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from phxbroker.protocol.serializers import V1
 
 
 @pytest.fixture
@@ -72,16 +29,6 @@ def broker(clock: Clock) -> Broker:
         clock=clock,
         wall_clock=lambda: 1.7e9,
     )
-
-
-def connect(broker: Broker, user: str | None, serializer: Serializer = V2) -> FakePeer:
-    peer = FakePeer(user, serializer)
-    broker.connect(peer)
-    return peer
-
-
-def join(broker: Broker, peer: FakePeer, topic: str, ref: str = "1", payload: Any = None):
-    broker.handle(peer, Message(ref, ref, topic, "phx_join", payload or {}))
 
 
 def test_join_ok_renders_the_reply(broker: Broker) -> None:
@@ -351,8 +298,8 @@ def test_status_map_lists_a_user_once_and_coalesces(broker: Broker, clock: Clock
     a1, a2, bob = connect(broker, "alice"), connect(broker, "alice"), connect(broker, "bob")
     join(broker, a1, "all")
     broker.tick()
-    _reply, pushed, status = a1.take()
-    assert pushed[3] == "status_users"
+    _reply, status = a1.take()
+    assert status[:4] == [None, None, "all", "status_users"]  # the broadcast
     assert status[4] == {"users": ["alice"], "user_count": 1, "hits": 0, "msgs": []}
     clock.now += 1
     join(broker, a2, "all")
@@ -373,6 +320,39 @@ def test_status_map_lists_a_user_once_and_coalesces(broker: Broker, clock: Clock
         "msgs": [{"n": 1}, {"n": 2}],
     }
     assert a2.take()[0][4]["status"] == "ok"
+
+
+@pytest.mark.parametrize("coalesce_ms", [0, 100])
+def test_a_joiner_gets_the_status_map_once(coalesce_ms: int, clock: Clock) -> None:
+    config = parse_config(
+        tomllib.loads(
+            f'[[topics]]\npattern = "all"\njoin = "anyone"\ncount = ["hit"]\n'
+            f'status_event = "status_users"\ncoalesce_ms = {coalesce_ms}\n'
+        )
+    )
+    broker = Broker(config.topics, clock=clock)
+    alice, bob, alice_again, anonymous = (
+        connect(broker, user) for user in ("alice", "bob", "alice", None)
+    )
+
+    def statuses(peer: FakePeer) -> list[list[str]]:
+        clock.now += 1
+        broker.tick()
+        return [f[4]["users"] for f in peer.take() if f[3] == "status_users"]
+
+    join(broker, alice, "all")
+    # A new user changes the map: the broadcast that follows is the joiner's copy too,
+    # as a Phoenix channel that broadcasts its state on join sends it once.
+    assert statuses(alice) == [["alice"]]
+    join(broker, bob, "all")
+    assert statuses(bob) == [["alice", "bob"]]
+    assert statuses(alice) == [["alice", "bob"]]
+    # A joiner that changes nothing is pushed the current map, once.
+    join(broker, alice_again, "all")
+    assert statuses(alice_again) == [["alice", "bob"]]
+    join(broker, anonymous, "all")
+    assert statuses(anonymous) == [["alice", "bob"]]
+    assert statuses(alice) == []
 
 
 def test_disconnect_cleans_up_and_announces_the_leave(broker: Broker, clock: Clock) -> None:
@@ -421,6 +401,17 @@ def test_reload_closes_channels_no_longer_allowed(broker: Broker) -> None:
     assert bob.take() == [["2", "2", "public", "phx_close", {}]]
     assert alice.take() == [["3", "3", "crashy", "phx_close", {}]]
     assert "public" in alice.channels and "crashy" not in alice.channels
+
+
+def test_topics_count_their_users_with_or_without_presence(broker: Broker) -> None:
+    peers = [connect(broker, user) for user in ("alice", "alice", "bob", None)]
+    for peer in peers:
+        join(broker, peer, "public")  # no presence, no status map
+        join(broker, peer, "room:x")  # presence
+    users = {t["topic"]: t["users"] for t in broker.topic_summary()}
+    assert users == {"public": 2, "room:x": 2}
+    listed = {u["user"] for u in broker.user_summary() if "public" in u["topics"]}
+    assert listed == {"alice", "bob"}  # what `phxbroker users` shows
 
 
 # -- seams: channels waiting for an outside answer, and the fanout ---------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 from support.broker import BrokerProcess
 from support.cli import assert_one_sentence, cli
 from support.node_client import NodeClient
@@ -107,7 +108,43 @@ def test_a_missing_or_broken_config_is_one_sentence(tmp_path: Path) -> None:
     assert_one_sentence(cli("users", "--config", off), 2, "turns the admin socket off")
 
 
+def test_check_config_takes_the_file_as_every_command_does(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text(tomli_w.dumps(CONFIG))
+    for args in (["--config", config], [config], [config, "--config", config]):
+        result = cli("check-config", *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{config}: ok (1 topic patterns, 2 static tokens)\n"
+        assert result.stderr == ""
+    other = tmp_path / "other.toml"
+    assert_one_sentence(cli("check-config", config, "--config", other), 2, "give the config")
+    assert_one_sentence(cli("check-config", "--config", other), 2, str(other), "does not exist")
+
+
+def test_check_config_passes_a_config_that_lets_nobody_in_with_a_warning(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:4000"\n')
+    result = cli("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok (0 topic patterns, 0 static tokens)\n"
+    assert result.stderr.splitlines() == [
+        f"phxbroker: warning: {config}: no [[topics]]: every join is refused with "
+        '"unmatched topic"',
+        f"phxbroker: warning: {config}: no connect tokens ([[auth.tokens]] or the tokens file), "
+        "no [auth.jwt], no [auth.phoenix_token] and allow_anonymous = false: every connect is "
+        "refused",
+    ]
+
+
 # -- against a live daemon -----------------------------------------------------------------
+
+
+def test_serve_logs_the_same_warnings_when_it_starts(
+    broker_factory: Callable[..., BrokerProcess],
+) -> None:
+    broker = broker_factory({"server": {}})
+    broker.wait_for_log(r"WARNING phxbroker: .*phxbroker\.toml: no \[\[topics\]\]: every join")
+    broker.wait_for_log(r"WARNING phxbroker: .*: no connect tokens .*: every connect is refused")
 
 
 def test_stats_once_json_reports_the_live_daemon(
@@ -140,6 +177,7 @@ def test_stats_once_json_reports_the_live_daemon(
     assert report["rss_bytes"] > 1_000_000
     assert report["rates"]["messages_in_per_s"] > 0
     assert report["rates"]["messages_out_per_s"] > 0
+    assert report["rates"]["deliveries_per_s"] >= 0  # broadcast copies, counted apart
     assert report["rates"]["bytes_in_per_s"] > 0
 
 
@@ -184,6 +222,36 @@ def test_topics_users_and_publish(
 
     refused = cli("publish", "room:lobby", "phx_close", "--config", broker.config_path)
     assert_one_sentence(refused, 1, "reserved")
+
+
+def test_kick_and_publish_say_so_when_they_reach_nobody(
+    broker_factory: Callable[..., BrokerProcess], node_client_factory: Callable[..., NodeClient]
+) -> None:
+    broker = broker_factory(CONFIG)
+    connected(node_client_factory, broker, "bob-token", "room:lobby")
+    config = broker.config_path
+
+    assert_one_sentence(cli("kick", "carol", "--config", config), 1, "carol has no open connection")
+    assert_one_sentence(
+        cli("kick", "bob", "--topic", "room:side", "--config", config),
+        1,
+        "bob has not joined room:side",
+    )
+    assert_one_sentence(
+        cli("publish", "lobby", "note", "--config", config),
+        1,
+        "no [[topics]] pattern matches 'lobby', so no client can join it",
+    )
+    # A ban still does something, and a topic clients may join is published to.
+    banned = cli("kick", "carol", "--ban", "1m", "--config", config)
+    assert (banned.returncode, banned.stdout) == (
+        0,
+        "carol has no open connection, connects refused for 1m 00s\n",
+    )
+    quiet = cli("publish", "room:empty", "note", "--config", config)
+    assert (quiet.returncode, quiet.stdout) == (0, "published note to room:empty (0 subscribers)\n")
+    kicked = cli("kick", "bob", "--topic", "room:lobby", "--config", config)
+    assert (kicked.returncode, kicked.stdout) == (0, "removed bob from room:lobby (1 channel)\n")
 
 
 def test_reload_applies_a_good_config_and_refuses_a_broken_one(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phxbroker.config.settings import load_config
+from phxbroker.config.settings import config_warnings, load_config
 from phxbroker.config.table import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -224,7 +224,6 @@ token = "a-secret"
 @pytest.mark.parametrize(
     ("tokens", "key", "reason"),
     [
-        (None, "", "does not exist"),
         ("[[auth.tokens]]\nuser = 'a'", "auth.tokens[0].token", "exactly one"),
         ("[auth]\ntoken_param = 'x'", "auth.token_param", "unknown key"),
         ("[server]\nlisten = 'a:1'", "server", "unknown key"),
@@ -243,6 +242,29 @@ def test_mistakes_in_the_tokens_file_name_that_file(
     assert f"config error in {tokens_path}" in message
     assert (f"at {key}:" in message) if key else True
     assert reason in message
+
+
+def test_a_missing_tokens_file_names_the_key_that_names_it(tmp_path: Path) -> None:
+    config_path = write(tmp_path, "[auth]\ntokens_file = 'tokens.toml'")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_path)
+    assert str(info.value) == (
+        f"config error in {config_path} at auth.tokens_file: {tmp_path / 'tokens.toml'}: "
+        "the file does not exist (`phxbroker token add NAME` creates it)"
+    )
+
+
+def test_a_config_that_lets_nobody_in_or_join_loads_with_warnings(tmp_path: Path) -> None:
+    empty = load_config(write(tmp_path, "[server]\nlisten = '127.0.0.1:4000'"))
+    assert config_warnings(empty) == [
+        'no [[topics]]: every join is refused with "unmatched topic"',
+        "no connect tokens ([[auth.tokens]] or the tokens file), no [auth.jwt], no "
+        "[auth.phoenix_token] and allow_anonymous = false: every connect is refused",
+    ]
+    anonymous = load_config(
+        write(tmp_path, "[auth]\nallow_anonymous = true\n[[topics]]\npattern = 'all'")
+    )
+    assert config_warnings(anonymous) == []
 
 
 def test_a_shared_secret_in_the_tokens_file_needs_a_user_param(tmp_path: Path) -> None:

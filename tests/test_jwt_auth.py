@@ -368,6 +368,9 @@ def rsa_1024_pem() -> str:
         ({"secret": SECRET, "issuer": []}, "issuer must not be an empty list"),
         ({"secret": SECRET, "audience": ""}, "audience must not be empty"),
         ({"secret": SECRET, "audience": [""]}, "audience must be a string or a list of non-empty"),
+        ({"secret": SECRET, "user_claim_pattern": "User:1"}, 'must contain "{user}" once'),
+        ({"secret": SECRET, "user_claim_pattern": "{user}:{user}"}, 'must contain "{user}" once'),
+        ({"secret": SECRET, "user_claim_pattern": "{kind}:{user}"}, "no placeholder other than"),
     ],
 )
 def test_bad_configuration_raises_value_error(arguments, message):
@@ -388,3 +391,30 @@ def test_unsuitable_public_keys_are_refused(rsa_key, keys):
         JwtVerifier(algorithms=["ES256"], public_key=public_pem(rsa_key))
     with pytest.raises(ValueError, match="public_key is not a PEM public key usable with RS256"):
         JwtVerifier(algorithms=["RS256"], public_key=public_pem(keys["ES256"]))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sub", "user"),
+    [
+        ("User:{user}", "User:1", "1"),  # Guardian's GuardianSerializer.for_token
+        ("User:{user}", "User:a:b", "a:b"),
+        ("{user}@example.com", "ann@example.com", "ann"),
+        ("user|{user}|v2", "user|42|v2", "42"),  # pattern text is literal, not a regex
+    ],
+)
+def test_a_user_claim_pattern_takes_the_user_out_of_the_claim(pattern, sub, user):
+    verifier = JwtVerifier(algorithms="HS512", secret=SECRET, user_claim_pattern=pattern)
+    assert verifier.verify(hs_token(claims(sub=sub), algorithm="HS512")) == user
+
+
+@pytest.mark.parametrize("sub", ["Admin:1", "User:", "user:1", "xUser:1", "1"])
+def test_a_claim_the_pattern_does_not_match_is_refused_naming_claim_and_pattern(sub):
+    verifier = JwtVerifier(secret=SECRET, user_claim_pattern="User:{user}")
+    error = refused(verifier, hs_token(claims(sub=sub)))
+    assert str(error) == "token claim 'sub' does not match user_claim_pattern 'User:{user}'"
+    assert error.reason == "invalid"
+
+
+def test_an_integer_claim_is_matched_as_its_decimal_text():
+    verifier = JwtVerifier(secret=SECRET, user_claim="uid", user_claim_pattern="{user}")
+    assert verifier.verify(hs_token(claims(uid=7))) == "7"

@@ -40,6 +40,12 @@ def test_the_redactor_removes_secrets(text: str, secret: str) -> None:
     assert "[redacted]" in redacted
 
 
+def test_values_filtered_as_phoenix_does_stay_as_they_are() -> None:
+    line = 'parameters {"token":"[FILTERED]","vsn":"2.0.0"}'
+    assert Redactor()(line) == line
+    assert Redactor()('{"token":"[FILTERED]x"}') == '{"token":"[redacted]"}'
+
+
 def test_configured_token_params_are_redacted_too() -> None:
     assert "abc123" not in Redactor(["sesame"])("GET /socket/websocket?sesame=abc123")
     assert "abc123" in Redactor()("GET /socket/websocket?sesame=abc123")

@@ -8,6 +8,9 @@ from phxbroker.auth.origin import (
     ALLOW_ALL,
     CHECK_HOST,
     AllowedOrigin,
+    LoggedOnce,
+    OriginPolicy,
+    allowing_change,
     origin_problem,
     parse_allowed,
     parse_policy,
@@ -121,3 +124,42 @@ def test_the_refusal_sentence_quotes_a_hostile_origin_safely() -> None:
     assert "\n" not in problem and "\r" not in problem
     assert len(problem) < 250
     assert problem.startswith("origin 'https://evil.com/\\r\\n")
+
+
+@pytest.mark.parametrize(
+    ("origin", "policy", "change"),
+    [
+        ("https://App.Example.com", LIST, 'add "https://app.example.com" to [server] check_origin'),
+        ("https://app.example.com:443", LIST,
+         'add "https://app.example.com" to [server] check_origin'),
+        ("http://localhost:8080", LIST, 'add "http://localhost:8080" to [server] check_origin'),
+        ("http://[::1]:3000", LIST, 'add "http://[::1]:3000" to [server] check_origin'),
+        ("https://app.example.com", CHECK_HOST,
+         'set [server] host = "app.example.com" or check_origin = ["https://app.example.com"]'),
+        ("https://app.example.com", OriginPolicy("conn"),
+         'set [server] check_origin = ["https://app.example.com"]'),
+        ("null", LIST, None),
+        ("file://", LIST, None),
+        ('https://x.com"\n[auth]', LIST, None),
+        ("chrome-extension://abcdef", LIST, None),
+    ],
+)  # fmt: skip
+def test_a_refused_origin_comes_with_the_change_that_allows_it(
+    origin: str, policy: OriginPolicy, change: str | None
+) -> None:
+    assert allowing_change(origin, policy) == change
+
+
+def test_the_true_policy_names_the_configured_host() -> None:
+    problem = origin_problem("https://app.example.com", CHECK_HOST, host="localhost")
+    assert problem == (
+        "origin 'https://app.example.com' is not allowed "
+        '(check_origin = true: its host must be [server] host, "localhost")'
+    )
+
+
+def test_logged_once_remembers_keys_within_a_bound() -> None:
+    once = LoggedOnce(limit=2)
+    assert [once.first(k) for k in ("a", "a", "b", "a")] == [True, False, True, False]
+    assert once.first("c")  # the third key: the memory starts again
+    assert once.first("a")

@@ -195,8 +195,8 @@ def test_exec_start_pre_passes_a_good_config_and_stops_a_bad_one(tmp_path: Path)
         (bad, bad, "at server.drain_timeout: expected a number"),
         (missing, missing, "does not exist"),
         (tmp_path, tmp_path, "cannot be read"),  # a directory: unreadable as a file
-        (no_tokens, tmp_path / "gone.toml", "does not exist"),
-        (tokens_dir, tmp_path, "cannot be read"),
+        (no_tokens, no_tokens, f"at auth.tokens_file: {tmp_path}/gone.toml: the file does not"),
+        (tokens_dir, tokens_dir, f"at auth.tokens_file: {tmp_path}: cannot be read"),
         (no_cert, no_cert, f"at server.tls_cert: '{tmp_path}/c.pem' does not exist"),
         (no_secret, no_secret, f"at auth.jwt.secret_file: '{tmp_path}/s' does not exist"),
     ]:

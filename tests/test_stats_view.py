@@ -3,88 +3,25 @@ a terminal emulator (pyte) while phoenix.js clients come and go."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import signal
-import struct
-import subprocess
 import sys
-import termios
-import threading
-import time
 from collections.abc import Callable, Iterator
 
-import pyte
 import pytest
+from rich.console import Console
 from support.broker import BrokerProcess
 from support.node_client import NodeClient
+from support.terminal import COLUMNS, Terminal
 
-COLUMNS, ROWS = 110, 45
+from phxbroker.cli.statsview import rates, render
+
 TOKENS = [{"user": "alice", "token": "alice-token"}, {"user": "bob", "token": "bob-token"}]
 CONFIG = {
     "auth": {"tokens": TOKENS},
     "topics": [{"pattern": "room:*", "echo": ["ping"], "presence": True}],
 }
-
-
-class Terminal:
-    """A program running in a pseudo-terminal, its output kept on an emulated screen."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.screen = pyte.Screen(COLUMNS, ROWS)
-        self._stream = pyte.ByteStream(self.screen)
-        self._changed = threading.Condition()
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env={**env, "TERM": "xterm-256color"},
-            start_new_session=True,  # the pty becomes its controlling terminal
-        )
-        os.close(slave)
-        self.master = master
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                data = b""
-            with self._changed:
-                if data:
-                    self._stream.feed(data)
-                self._changed.notify_all()
-            if not data:
-                return
-
-    def text(self) -> str:
-        with self._changed:
-            return "\n".join(line.rstrip() for line in self.screen.display)
-
-    def wait_for(self, predicate: Callable[[str], bool], what: str, timeout: float = 10) -> str:
-        """The screen's text once `predicate` holds for it."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                text = "\n".join(line.rstrip() for line in self.screen.display)
-                if predicate(text):
-                    return text
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"the screen never showed {what}; it shows:\n{text}")
-                self._changed.wait(min(remaining, 0.2))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        os.close(self.master)
 
 
 def figure(text: str, label: str) -> str | None:
@@ -154,3 +91,57 @@ def test_the_live_view_refreshes_in_place_as_clients_come_and_go(
     os.killpg(term.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
     assert term.proc.wait(timeout=10) == 0
     assert "Traceback" not in term.text()
+
+
+def test_the_live_view_says_how_to_quit_and_quits_on_q(
+    broker_factory: Callable[..., BrokerProcess], terminal: Callable[[list[str]], Terminal]
+) -> None:
+    broker = broker_factory(CONFIG)
+    argv = [sys.executable, "-m", "phxbroker", "stats", "--interval", "5"]
+    term = terminal([*argv, "--config", str(broker.config_path)])
+    text = term.wait_for(lambda t: "q or Ctrl-C to quit" in t, "the quit hint")
+    assert figure(text, "connections") == "0"
+
+    os.write(term.master, b"q")  # long before the next sample is due
+
+    assert term.proc.wait(timeout=3) == 0
+    assert "Traceback" not in term.text()
+
+
+def report(messages_in: int, messages_out: int, deliveries: int, uptime: float) -> dict:
+    counters = {
+        "messages_in": messages_in,
+        "messages_out": messages_out,
+        "deliveries": deliveries,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "joins": 0,
+        "slow_client_drops": 0,
+        "auth_failures": 0,
+        "refusals": {},
+    }
+    return {
+        "version": "0", "pid": 1, "uptime": uptime, "rss_bytes": None, "connections": 0,
+        "channels": 0, "user_count": 0, "topic_count": 0, "topics": [], "counters": counters,
+    }  # fmt: skip
+
+
+def test_each_word_means_one_thing_in_the_view_and_in_json() -> None:
+    before, after = report(10, 20, 300, 100.0), report(30, 60, 1300, 102.0)
+
+    per_second = rates(before, after)
+
+    # messages_out is what the counter of that name counts (replies and pushes);
+    # broadcast deliveries have a name of their own.
+    assert per_second == {
+        "messages_in_per_s": 10.0,
+        "messages_out_per_s": 20.0,
+        "deliveries_per_s": 500.0,
+        "bytes_in_per_s": 0.0,
+        "bytes_out_per_s": 0.0,
+    }
+    console = Console(width=COLUMNS, record=True)
+    console.print(render(after, per_second, "test"))
+    text = console.export_text()
+    assert re.search(r"^messages out\s+60\s+20\.0/s$", text, re.MULTILINE), text
+    assert re.search(r"^broadcast deliveries\s+1,300\s+500\.0/s$", text, re.MULTILINE), text

@@ -4,11 +4,14 @@ A `JwtVerifier` is built once from configuration: the accepted algorithms, and e
 shared secret (HS256/384/512) or a public key in PEM (RS*, PS*, ES*, EdDSA). The
 algorithm list is fixed there and never taken from a token, `none` is never accepted, and
 symmetric and asymmetric algorithms cannot be mixed, so a token signed with HS256 using
-the public key as its secret is refused. `verify(token)` returns the user id claim.
+the public key as its secret is refused. `verify(token)` returns the user id claim, or the
+part of it a `user_claim_pattern` names (Guardian's `sub = "User:1"` with the pattern
+`"User:{user}"` is user `1`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +44,7 @@ _PUBLIC_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
 }
 _CURVE_BY_ALGORITHM = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+USER_PLACEHOLDER = "{user}"
 
 
 class JwtVerifier:
@@ -58,6 +62,7 @@ class JwtVerifier:
         secret: str | bytes | None = None,
         public_key: str | bytes | None = None,
         user_claim: str = "sub",
+        user_claim_pattern: str | None = None,
         issuer: str | Sequence[str] | None = None,
         audience: str | Sequence[str] | None = None,
         leeway: float = 0,
@@ -74,6 +79,8 @@ class JwtVerifier:
         if isinstance(leeway, bool) or not isinstance(leeway, int | float) or not leeway >= 0:
             raise ValueError("leeway must be a number of seconds, zero or more")
         self._user_claim = user_claim
+        self._user_claim_pattern = user_claim_pattern
+        self._user_in_claim = _compile_user_pattern(user_claim_pattern)
         self._issuer = _names(issuer, "issuer")
         self._audience = _names(audience, "audience")
         self._leeway = leeway
@@ -83,7 +90,8 @@ class JwtVerifier:
     def __repr__(self) -> str:
         return (
             f"JwtVerifier(algorithms={list(self._algorithms)!r}, "
-            f"user_claim={self._user_claim!r}, issuer={self._issuer!r}, "
+            f"user_claim={self._user_claim!r}, "
+            f"user_claim_pattern={self._user_claim_pattern!r}, issuer={self._issuer!r}, "
             f"audience={self._audience!r}, leeway={self._leeway!r})"
         )
 
@@ -110,12 +118,22 @@ class JwtVerifier:
         """Return the user id in the configured claim; raise `TokenError` otherwise.
 
         A string claim is returned as is and an integer as its decimal text; other JSON
-        values are refused.
+        values are refused. With a `user_claim_pattern`, the user is the part of the claim
+        in the pattern's `{user}`, and a claim the pattern does not match is refused.
         """
         claims = self.verify_claims(token)
         if self._user_claim not in claims:
             raise TokenError(f"token is missing the user claim {self._user_claim!r}")
-        return _user_id(claims[self._user_claim], self._user_claim)
+        user = _user_id(claims[self._user_claim], self._user_claim)
+        if self._user_in_claim is None:
+            return user
+        found = self._user_in_claim.fullmatch(user)
+        if found is None:
+            raise TokenError(
+                f"token claim {self._user_claim!r} does not match "
+                f"user_claim_pattern {self._user_claim_pattern!r}"
+            )
+        return found.group("user")
 
     def _refusal(self, exc: jwt.PyJWTError, token: str) -> TokenError:
         if isinstance(exc, jwt.ExpiredSignatureError):
@@ -141,6 +159,21 @@ class JwtVerifier:
         if isinstance(exc, jwt.InvalidIssuedAtError):
             return TokenError("token issued-at time (iat) is not a number")
         return TokenError(f"token is not a valid JWT: {_fragment(str(exc))}")
+
+
+def _compile_user_pattern(pattern: str | None) -> re.Pattern[str] | None:
+    """A regex taking the user out of a claim: `{user}` is one or more characters, the
+    rest of the pattern literal text. ValueError names what is wrong with the pattern."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str) or pattern.count(USER_PLACEHOLDER) != 1:
+        raise ValueError(
+            'user_claim_pattern must contain "{user}" once, e.g. "User:{user}" for Guardian'
+        )
+    before, _, after = pattern.partition(USER_PLACEHOLDER)
+    if "{" in before + after or "}" in before + after:
+        raise ValueError('user_claim_pattern may contain no placeholder other than "{user}"')
+    return re.compile(f"{re.escape(before)}(?P<user>.+){re.escape(after)}", re.DOTALL)
 
 
 def _check_algorithms(algorithms: str | Sequence[str]) -> tuple[str, ...]:

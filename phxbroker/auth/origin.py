@@ -21,11 +21,16 @@ and schemes are compared case-insensitively.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 MAX_SHOWN = 100  # characters of a client's Origin quoted in a log line
+MAX_REMEMBERED = 1000  # refused origins remembered as logged; then they are logged anew
+# A host worth quoting in a config line: a DNS name or an IP address, nothing else.
+_PLAIN_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f.]*:[0-9a-f:.]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +61,12 @@ class OriginPolicy:
     kind: str = "host"
     origins: tuple[AllowedOrigin, ...] = ()
 
-    def describe(self) -> str:
+    def describe(self, host: str) -> str:
         if self.kind == "list":
             return "check_origin lists the allowed origins"
         if self.kind == "conn":
             return 'check_origin = "conn": it must be the address the request was sent to'
-        return "check_origin = true: its host must be [server] host"
+        return f'check_origin = true: its host must be [server] host, "{host}"'
 
 
 ALLOW_ALL = OriginPolicy("off")
@@ -137,7 +142,50 @@ def origin_problem(
         allowed = any(entry.matches(scheme, origin_host, port) for entry in policy.origins)
     if allowed:
         return None
-    return f"origin {_shown(origin)} is not allowed ({policy.describe()})"
+    return f"origin {_shown(origin)} is not allowed ({policy.describe(host)})"
+
+
+def allowing_change(origin: str, policy: OriginPolicy) -> str | None:
+    """The config change that lets pages of `origin` connect, worded as an instruction
+    (`add "https://app.example.com" to [server] check_origin`), or None when the origin is
+    not a plain http(s) origin worth quoting in a config file."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not _PLAIN_HOST.fullmatch(host):
+        return None
+    netloc = f"[{host}]" if ":" in host else host
+    if port not in (None, DEFAULT_PORTS[scheme]):
+        netloc += f":{port}"
+    shown = f"{scheme}://{netloc}"
+    if policy.kind == "list":
+        return f'add "{shown}" to [server] check_origin'
+    if policy.kind == "host":
+        return f'set [server] host = "{host}" or check_origin = ["{shown}"]'
+    return f'set [server] check_origin = ["{shown}"]'
+
+
+class LoggedOnce:
+    """Remembers which keys were logged already, so that an event repeated for ever (a
+    refused page that phoenix.js retries every few seconds) is logged once. Bounded: past
+    MAX_REMEMBERED keys it forgets them all, and they are logged anew."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self.limit = limit
+        self._seen: set[Hashable] = set()
+
+    def first(self, key: Hashable) -> bool:
+        """True the first time `key` is seen."""
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
 
 
 def _same_as_request(

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from phxbroker.broker.activity import ActivityLog
 from phxbroker.broker.presence import Presence
 from phxbroker.broker.stats import Stats
 from phxbroker.broker.topics import TopicRule, find_rule, render_template
@@ -225,6 +226,8 @@ class Broker:
         self.fanout: Fanout = LocalOnly()
         # Messages held, per connection and topic, while a channel waits for an answer.
         self._held: dict[Peer, dict[str, deque[Message]]] = {}
+        # Connect, join and leave lines; transports report their connects here too.
+        self.activity = ActivityLog(clock)
         self.configure(rules, max_channels)
 
     # -- configuration -------------------------------------------------------------------
@@ -270,6 +273,7 @@ class Broker:
             return
         self.peers.discard(peer)
         self._held.pop(peer, None)
+        self.activity.disconnected(peer, len(peer.channels))
         for channel in list(peer.channels.values()):
             self._unsubscribe(peer, channel)
         if peer.user is not None:
@@ -368,12 +372,18 @@ class Broker:
     # -- time ----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When tick() next has coalesced work to flush, on the broker's clock."""
-        return self._schedule[0][0] if self._schedule else None
+        """When tick() next has coalesced work to flush (or a log summary to write), on the
+        broker's clock."""
+        due = self._schedule[0][0] if self._schedule else None
+        summary = self.activity.next_deadline()
+        if summary is None:
+            return due
+        return summary if due is None else min(due, summary)
 
     def tick(self) -> None:
         """Flush every topic whose coalescing interval has passed."""
         now = self.clock()
+        self.activity.tick(now)
         while self._schedule and self._schedule[0][0] <= now:
             _, _, topic = heapq.heappop(self._schedule)
             topic.due = False
@@ -382,30 +392,39 @@ class Broker:
     # -- protocol ------------------------------------------------------------------------
 
     def _join(self, peer: Peer, msg: Message) -> None:
+        started = time.perf_counter()
         s = peer.serializer
         name = msg.topic
         found = None if name == messages.HEARTBEAT_TOPIC else find_rule(self.rules, name)
         if found is None:
             self.stats.join_errors += 1
             self._send(peer, s.encode_reply, None, msg.ref, name, "error", UNMATCHED)
+            self.activity.join_refused(peer, name, "no [[topics]] pattern matches it", started)
             return
         rule, captures = found
         old = peer.channels.get(name)
         if old is None and len(peer.channels) >= self.max_channels:
             self.stats.join_errors += 1
             self.stats.count_refusal("too_many_channels")
-            log.info(
-                "refused join of %r by %s: %d channels joined already",
-                name,
-                peer,
-                len(peer.channels),
-            )
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", TOO_MANY)
+            self.activity.join_refused(
+                peer,
+                name,
+                f"{len(peer.channels)} channels joined already ([server] max_channels)",
+                started,
+            )
             return
         if not rule.join.allows(peer.user, captures):
             self.stats.join_errors += 1
             self.stats.count_refusal("join_unauthorized")
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", UNAUTHORIZED)
+            self.activity.join_refused(
+                peer,
+                name,
+                f'[[topics]] pattern "{rule.pattern.text}" has {rule.join.describe()}: '
+                + rule.join.refusal(peer.user, captures),
+                started,
+            )
             return
         if old is not None:
             # Duplicate join: Phoenix stops the old channel, joins anew, and only then
@@ -430,16 +449,21 @@ class Broker:
         if old is not None:
             self._tell_ended(peer, old, messages.PHX_CLOSE)
 
+        status_follows = False
         if peer.user is not None and rule.tracks_users:
             first = peer.user not in topic.user_sockets
             topic.user_sockets[peer.user] = topic.user_sockets.get(peer.user, 0) + 1
             if first:
-                self._status_changed(topic, "users")
+                status_follows = self._status_changed(topic, "users")
         if topic.presence is not None:
             self._track(peer, channel, msg.payload)
             self._push_raw(peer, channel, "presence_state", topic.presence.snapshot_json())
-        if rule.status_event and rule.status_on_join:
+        # A joiner is a subscriber already: when its join changed the status map (or a change
+        # is pending), the broadcast that follows reaches it, so it gets the map once, as
+        # from a Phoenix channel that broadcasts on join.
+        if rule.status_event and rule.status_on_join and not (status_follows or topic.status_dirty):
             self._push_raw(peer, channel, rule.status_event, self._status_json(topic))
+        self.activity.joined(peer, name, msg.payload, started)
 
     def _leave(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -450,6 +474,7 @@ class Broker:
         self._unsubscribe(peer, channel)
         self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         self._tell_ended(peer, channel, messages.PHX_CLOSE)
+        self.activity.left(peer, msg.topic)
 
     def _push(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -582,7 +607,9 @@ class Broker:
         self._schedule_flush(topic)
         self.fanout.presence_changed(topic.name, key, joined, left)
 
-    def _status_changed(self, topic: Topic, field: str) -> None:
+    def _status_changed(self, topic: Topic, field: str) -> bool:
+        """Mark the status map changed; True when that means a status broadcast (sent now,
+        or due within coalesce_ms)."""
         # "users" also stands for user_count, which changes with it.
         fields = topic.rule.status_fields
         if topic.rule.status_event and (
@@ -590,6 +617,8 @@ class Broker:
         ):
             topic.status_dirty = True
             self._schedule_flush(topic)
+            return True
+        return False
 
     def _schedule_flush(self, topic: Topic) -> None:
         if topic.due:
@@ -660,7 +689,7 @@ class Broker:
             {
                 "topic": t.name,
                 "subscribers": len(t.subscribers),
-                "users": len(t.user_sockets),
+                "users": _user_count(t),
                 "presences": len(t.presence) if t.presence is not None else None,
                 "hits": t.hits,
             }
@@ -676,3 +705,11 @@ class Broker:
             }
             for user, peers in self.users.items()
         ]
+
+
+def _user_count(topic: Topic) -> int:
+    """Distinct users subscribed to a topic. Topics with presence or a status map keep that
+    list on every join; for the others it is counted here, when someone asks."""
+    if topic.rule.tracks_users:
+        return len(topic.user_sockets)
+    return len({peer.user for peer in topic.subscribers if peer.user is not None})

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_USERS_SHOWN = 5  # names of a join list quoted in a refused join's log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,22 @@ class JoinPolicy:
         if self.kind == "self":
             return captures.get("user") == user
         return user in self.users
+
+    def describe(self) -> str:
+        """The policy as it is written in the config, e.g. `join = "self"`."""
+        if self.kind == "users":
+            names = ", ".join(f'"{u}"' for u in sorted(self.users)[:MAX_USERS_SHOWN])
+            more = ", ..." if len(self.users) > MAX_USERS_SHOWN else ""
+            return f"join = [{names}{more}]"
+        return f'join = "{self.kind}"'
+
+    def refusal(self, user: str | None, captures: dict[str, str]) -> str:
+        """Why this policy does not let `user` join a topic that captured `captures`."""
+        if user is None:
+            return "anonymous connections may not join"
+        if self.kind == "self":
+            return f"only user {captures.get('user')} may join"
+        return f"user {user} is not listed"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

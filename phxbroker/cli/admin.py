@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import sys
+import termios
 import time
-from collections.abc import Iterator
+import tty
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from rich.table import Table
 from phxbroker.auth.bans import parse_duration
 from phxbroker.cli.common import admin_socket_path, config_option, fail
 from phxbroker.cli.control_client import AdminClient, AdminError, DaemonUnreachable
-from phxbroker.cli.statsview import format_duration, rates, render
+from phxbroker.cli.statsview import QUIT_HINT, format_duration, rates, render
 from phxbroker.protocol import messages
 
 
@@ -53,7 +58,7 @@ def print_json(value: Any) -> None:
     help="Seconds between samples.",
 )
 def stats(config_path: Path, once: bool, as_json: bool, interval: float) -> None:
-    """Watch the daemon live: connections, topics, rates, memory (Ctrl-C to quit)."""
+    """Watch the daemon live: connections, topics, rates, memory (q or Ctrl-C quits)."""
     source = str(admin_socket_path(config_path))
     with daemon(config_path) as client:
         previous = client.call("stats")
@@ -84,12 +89,42 @@ def _stream_json(client: AdminClient, previous: dict[str, Any], interval: float)
 
 
 def _live_view(client: AdminClient, previous: dict[str, Any], interval: float, source: str) -> None:
-    with Live(render(previous, None, source), auto_refresh=False, vertical_overflow="crop") as live:
+    first = render(previous, None, source, QUIT_HINT)
+    with (
+        key_presses() as wait_for_key,
+        Live(first, auto_refresh=False, vertical_overflow="crop") as live,
+    ):
         while True:
-            time.sleep(interval)
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0:
+                if wait_for_key(left) in ("q", "Q"):
+                    return
             current = client.call("stats")
-            live.update(render(current, rates(previous, current), source), refresh=True)
+            live.update(render(current, rates(previous, current), source, QUIT_HINT), refresh=True)
             previous = current
+
+
+@contextmanager
+def key_presses() -> Iterator[Callable[[float], str | None]]:
+    """A function waiting up to N seconds for a key press on the terminal and returning it
+    (None when none came). The terminal is in cbreak mode meanwhile (keys arrive unbuffered
+    and unechoed, Ctrl-C still interrupts) and restored after. Without a terminal it only
+    waits."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        yield lambda timeout: time.sleep(timeout)
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def wait_for_key(timeout: float) -> str | None:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 1).decode(errors="replace") if ready else None
+
+    try:
+        yield wait_for_key
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 @click.command()
@@ -152,12 +187,21 @@ def kick(config_path: Path, user: str, topic: str | None, reason: str, ban: str 
             fail("--ban refuses connects, so it cannot be combined with --topic", 2)
     result = call(config_path, "kick", user=user, topic=topic, reason=reason, ban=ban_seconds)
     if topic is not None:
+        if not result["removed"]:
+            fail(f"{user} has not joined {topic}: nobody was removed")
         click.echo(f"removed {user} from {topic} ({_count(result['removed'], 'channel')})")
         return
-    line = f"kicked {user} ({_count(result['closed'], 'connection')} closed)"
-    if ban_seconds is not None:
-        line += f", connects refused for {format_duration(ban_seconds)}"
-    click.echo(line)
+    if ban_seconds is None:
+        if not result["closed"]:
+            fail(f"{user} has no open connection: nobody was kicked")
+        click.echo(f"kicked {user} ({_count(result['closed'], 'connection')} closed)")
+        return
+    kicked = (
+        f"kicked {user} ({_count(result['closed'], 'connection')} closed)"
+        if result["closed"]
+        else f"{user} has no open connection"
+    )
+    click.echo(f"{kicked}, connects refused for {format_duration(ban_seconds)}")
 
 
 @click.command()

@@ -12,8 +12,8 @@ import trio
 
 from phxbroker import __version__
 from phxbroker.cli import admin, tokens
-from phxbroker.cli.common import OneSentenceGroup, config_option, fail
-from phxbroker.config.settings import load_config, parse_listen
+from phxbroker.cli.common import DEFAULT_CONFIG, OneSentenceGroup, config_option, fail
+from phxbroker.config.settings import config_warnings, load_config, parse_listen
 from phxbroker.config.table import ConfigError
 from phxbroker.daemon.assembly import Daemon, StartupError, tune_garbage_collector
 from phxbroker.ops import logs
@@ -46,6 +46,8 @@ def serve(config_path: Path, listen: str | None) -> None:
             fail(f"--listen: {exc}", EXIT_BAD_CONFIG)
     logs.setup(config.log, secret_params=[config.auth.token_param])
     log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
+    for warning in config_warnings(config):
+        log.warning("%s: %s", config_path, warning)
     daemon = Daemon(config, listen_override=listen_override)
     try:
         tune_garbage_collector()
@@ -69,17 +71,30 @@ def _only_interrupts(exc: BaseException) -> bool:
 
 
 @main.command("check-config")
-@click.argument("config_path", metavar="FILE", type=click.Path(path_type=Path))
-def check_config(config_path: Path) -> None:
-    """Validate a config file without starting: exit 0 if it is good, else 2 with one
-    sentence on stderr (fit for systemd's ExecStartPre= and ExecReload=)."""
+@click.argument("file_path", metavar="[FILE]", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help=f"The TOML config file, as FILE.  [default: {DEFAULT_CONFIG}]",
+)
+def check_config(file_path: Path | None, config_path: Path | None) -> None:
+    """Validate a config file without starting: exit 0 if it is good (with a warning line
+    on stderr for each thing it may still get wrong), else 2 with one sentence on stderr
+    (fit for systemd's ExecStartPre= and ExecReload=)."""
+    if file_path is not None and config_path is not None and file_path != config_path:
+        fail("give the config file once, as FILE or as --config", EXIT_BAD_CONFIG)
+    path = file_path or config_path or Path(DEFAULT_CONFIG)
     try:
-        config = load_config(config_path)
+        config = load_config(path)
     except ConfigError as exc:
         fail(str(exc), EXIT_BAD_CONFIG)
+    for warning in config_warnings(config):
+        click.echo(
+            logs.stderr_line(f"phxbroker: warning: {path}: {warning}", logging.WARNING), err=True
+        )
     click.echo(
-        f"{config_path}: ok ({len(config.topics)} topic patterns, "
-        f"{len(config.auth.tokens)} static tokens)"
+        f"{path}: ok ({len(config.topics)} topic patterns, {len(config.auth.tokens)} static tokens)"
     )
 
 

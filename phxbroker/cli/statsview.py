@@ -8,23 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-RATE_FIELDS = ("messages_in", "messages_out", "bytes_in", "bytes_out")
+# One name per meaning, in the view, in --json and in /metrics alike:
+#   messages_in   client messages received (heartbeats included)
+#   messages_out  replies and pushes sent to one client
+#   deliveries    broadcast copies handed to subscribers (one broadcast, many deliveries)
+RATE_FIELDS = ("messages_in", "messages_out", "deliveries", "bytes_in", "bytes_out")
+QUIT_HINT = "q or Ctrl-C to quit"
 
 
 def totals(report: dict[str, Any]) -> dict[str, int]:
-    """Monotonic totals the rates are computed from. Messages out are the replies and pushes
-    sent to one client plus every broadcast delivery."""
+    """Monotonic totals the rates are computed from, named as the report's counters."""
     c = report["counters"]
-    return {
-        "messages_in": c["messages_in"],
-        "messages_out": c["messages_out"] + c["deliveries"],
-        "bytes_in": c["bytes_in"],
-        "bytes_out": c["bytes_out"],
-    }
+    return {name: c[name] for name in RATE_FIELDS}
 
 
 def rates(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, float] | None:
@@ -37,8 +36,11 @@ def rates(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, float]
     return {f"{name}_per_s": (after[name] - before[name]) / elapsed for name in RATE_FIELDS}
 
 
-def render(report: dict[str, Any], per_second: dict[str, float] | None, source: str) -> Group:
-    """The stats screen for one report."""
+def render(
+    report: dict[str, Any], per_second: dict[str, float] | None, source: str, footer: str = ""
+) -> Group:
+    """The stats screen for one report, with an optional last line (the live view's quit
+    hint)."""
     c = report["counters"]
     rss = report.get("rss_bytes")
     header = Text.assemble(
@@ -58,14 +60,14 @@ def render(report: dict[str, Any], per_second: dict[str, float] | None, source: 
         value = per_second[f"{name}_per_s"]
         return f"{format_bytes(value)}/s" if as_bytes else f"{value:,.1f}/s"
 
-    all_totals = totals(report)
     figures.add_row("connections", f"{report['connections']:,}", "")
     figures.add_row("channels joined", f"{report['channels']:,}", "")
     figures.add_row("joins since start", f"{c['joins']:,}", "")
     figures.add_row("users", f"{report['user_count']:,}", "")
     figures.add_row("topics", f"{report['topic_count']:,}", "")
-    figures.add_row("messages in", f"{all_totals['messages_in']:,}", rate("messages_in"))
-    figures.add_row("messages out", f"{all_totals['messages_out']:,}", rate("messages_out"))
+    figures.add_row("messages in", f"{c['messages_in']:,}", rate("messages_in"))
+    figures.add_row("messages out", f"{c['messages_out']:,}", rate("messages_out"))
+    figures.add_row("broadcast deliveries", f"{c['deliveries']:,}", rate("deliveries"))
     figures.add_row("bytes in", format_bytes(c["bytes_in"]), rate("bytes_in", True))
     figures.add_row("bytes out", format_bytes(c["bytes_out"]), rate("bytes_out", True))
     figures.add_row("slow clients dropped", f"{c['slow_client_drops']:,}", "")
@@ -90,7 +92,10 @@ def render(report: dict[str, Any], per_second: dict[str, float] | None, source: 
         topics.add_row(
             t["topic"], f"{t['subscribers']:,}", f"{t['users']:,}", presences, f"{t['hits']:,}"
         )
-    return Group(header, Text(""), figures, Text(""), topics)
+    parts: list[RenderableType] = [header, Text(""), figures, Text(""), topics]
+    if footer:
+        parts += [Text(""), Text(footer, style="dim")]
+    return Group(*parts)
 
 
 def format_bytes(value: float) -> str:

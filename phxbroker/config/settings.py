@@ -116,6 +116,7 @@ class MetricsConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"  # "text" or "json" (one JSON object per line)
+    connections: bool = True  # connect, join and leave lines at info, as Phoenix writes them
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ def parse_config(
     root.done()
     if auth.tokens_file is not None:
         if tokens_document is None:
-            tokens_document = read_toml(auth.tokens_file)
+            tokens_document = _read_tokens_file(auth.tokens_file, path)
         tokens, keys = parse_tokens_document(tokens_document, auth.tokens_file)
         auth = replace(auth, tokens=auth.tokens + tokens)
         api = replace(api, keys=api.keys + keys)
@@ -191,6 +192,34 @@ def parse_config(
         admin=admin,
         limits=limits,
     )
+
+
+def _read_tokens_file(tokens_file: Path, config_path: str | Path) -> dict[str, Any]:
+    """The tokens file's document. A file that is missing or unreadable is the main
+    config's mistake (its auth.tokens_file key); mistakes inside it name that file."""
+    try:
+        return read_toml(tokens_file)
+    except ConfigError as exc:
+        if exc.key or not exc.reason.startswith(("the file does not exist", "cannot be read")):
+            raise
+        hint = " (`phxbroker token add NAME` creates it)" if "exist" in exc.reason else ""
+        raise ConfigError(
+            config_path, "auth.tokens_file", f"{tokens_file}: {exc.reason}{hint}"
+        ) from None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What a config that loads may still get wrong: one sentence each."""
+    found = []
+    if not config.topics:
+        found.append('no [[topics]]: every join is refused with "unmatched topic"')
+    auth = config.auth
+    if not (auth.tokens or auth.jwt or auth.phoenix_token or auth.allow_anonymous):
+        found.append(
+            "no connect tokens ([[auth.tokens]] or the tokens file), no [auth.jwt], no "
+            "[auth.phoenix_token] and allow_anonymous = false: every connect is refused"
+        )
+    return found
 
 
 def parse_tokens_document(
@@ -460,8 +489,9 @@ def _parse_log(t: Table) -> LogConfig:
     log_format = t.string("format", "text").lower()
     if log_format not in {"text", "json"}:
         raise t.error("format", 'expected "text" or "json"')
+    connections = t.boolean("connections", LogConfig().connections)
     t.done()
-    return LogConfig(level=level, format=log_format)
+    return LogConfig(level=level, format=log_format, connections=connections)
 
 
 def _parse_longpoll(t: Table) -> LongPollConfig:

@@ -51,6 +51,9 @@ def parse_jwt(t: Table) -> SignedTokenConfig:
         verifier = JwtVerifier(
             algorithms=algorithms,
             user_claim=t.string("user_claim", "sub"),
+            user_claim_pattern=(
+                t.string("user_claim_pattern", "") if t.has("user_claim_pattern") else None
+            ),
             leeway=t.number("leeway", 0, minimum=0),
             issuer=_one_or_list(t, "issuer"),
             audience=_one_or_list(t, "audience"),
@@ -133,7 +136,15 @@ def _fingerprint(*parts: bytes) -> bytes:
 
 def _jwt_error_key(message: str, key_name: str) -> str:
     """Which [auth.jwt] key a JwtVerifier complaint is about."""
-    for name in ("algorithms", "user_claim", "leeway", "issuer", "audience", "required_claims"):
+    for name in (
+        "algorithms",
+        "user_claim_pattern",
+        "user_claim",
+        "leeway",
+        "issuer",
+        "audience",
+        "required_claims",
+    ):
         if message.startswith(name):
             return name
     return key_name

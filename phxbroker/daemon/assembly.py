@@ -87,7 +87,9 @@ class Daemon:
         self.longpoll_sessions = LongPollSessions(
             gateway, broker, hub, peer_ids, config.longpoll.window_ms
         )
-        self.longpoll = LongPoll(config.longpoll, self.admission, self.longpoll_sessions, inbound)
+        self.longpoll = LongPoll(
+            config.longpoll, self.admission, self.longpoll_sessions, inbound, broker.activity
+        )
 
         # Operators: one object behind the API, the control socket, health and metrics.
         self.operations = Operations(
@@ -103,9 +105,8 @@ class Daemon:
 
         # The route table, in one place.
         self.router = router = Router(self.admission, config.server.socket_paths)
-        router.transport(
-            "/websocket", WebSocketUpgrade(self.admission, self.websockets, hub, peer_ids)
-        )
+        upgrade = WebSocketUpgrade(self.admission, self.websockets, hub, peer_ids, broker.activity)
+        router.transport("/websocket", upgrade)
         router.transport(LONGPOLL_SUBPATH, self.longpoll)
         operator_routes = Health(self.operations).routes() + self.api.routes()
         if config.metrics.enabled:

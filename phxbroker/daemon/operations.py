@@ -16,6 +16,7 @@ import trio
 from phxbroker.auth.bans import Bans
 from phxbroker.broker.core import Broker
 from phxbroker.broker.stats import Stats
+from phxbroker.broker.topics import find_rule
 from phxbroker.daemon.runtime import BrokerTask
 from phxbroker.ops.report import assemble_report, broker_view
 from phxbroker.protocol import close_codes
@@ -51,6 +52,10 @@ class Operations:
     @property
     def config_path(self) -> Path | None:
         return self._config_path()
+
+    def topic_declared(self, topic: str) -> bool:
+        """Whether a [[topics]] pattern matches `topic` (else no client can ever join it)."""
+        return find_rule(self.broker.rules, topic) is not None
 
     async def publish(self, topic: str, event: str, payload: dict[str, Any]) -> int:
         """Broadcast to a topic; how many subscribers it reached."""

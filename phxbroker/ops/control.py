@@ -50,6 +50,8 @@ class Operator(Protocol):
 
     def active_bans(self) -> dict[str, float]: ...
 
+    def topic_declared(self, topic: str) -> bool: ...
+
     async def publish(self, topic: str, event: str, payload: dict[str, Any]) -> int: ...
 
     async def kick(self, user: str, topic: str) -> int: ...
@@ -216,6 +218,11 @@ class ControlSocket:
     ) -> dict[str, Any]:
         if event.startswith("phx_"):
             raise CommandError(f"event {event!r} is reserved by the protocol (phx_*)")
+        if not self.operator.topic_declared(topic):
+            raise CommandError(
+                f"no [[topics]] pattern matches {topic!r}, so no client can join it: "
+                "nothing was published"
+            )
         reached = await self.operator.publish(topic, event, payload or {})
         return {"subscribers": reached}
 

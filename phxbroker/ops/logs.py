@@ -26,23 +26,11 @@ from typing import TextIO
 
 import orjson
 
+from phxbroker.broker.activity import ACTIVITY_LOGGER, FILTERED, SECRET_PARAMS
 from phxbroker.config.settings import LogConfig
 
-# Connect, query and config parameter names whose values are secrets wherever they appear.
-SECRET_PARAMS = (
-    "token",
-    "access_token",
-    "auth_token",
-    "authtoken",
-    "api_key",
-    "apikey",
-    "pass",
-    "passwd",
-    "password",
-    "secret",
-    "jwt",
-)
 REDACTED = "[redacted]"
+FILTERED_PATTERN = re.escape(FILTERED)
 
 # syslog priorities (sd-daemon(3)): what journald files each line under.
 PRIORITY = {
@@ -72,8 +60,15 @@ class Redactor:
         alternatives = "|".join(re.escape(n) for n in reversed(names))
         name = rf"(?<![\w-])(?:{alternatives})(?![\w-])"
         self._patterns = [
-            # "token": "abc", 'pass': 'x', token = "abc" (JSON, Python reprs, TOML)
-            (re.compile(rf"""((["']?){name}\2\s*[:=]\s*(["']))(?:\\.|(?!\3).)*""", re.I), r"\1"),
+            # "token": "abc", 'pass': 'x', token = "abc" (JSON, Python reprs, TOML); a value
+            # the activity log filtered already ("[FILTERED]", as Phoenix writes it) stays.
+            (
+                re.compile(
+                    rf"""((["']?){name}\2\s*[:=]\s*(["']))(?!{FILTERED_PATTERN}\3)(?:\\.|(?!\3).)*""",
+                    re.I,
+                ),
+                r"\1",
+            ),
             # token=abc (query strings, key=value text)
             (re.compile(rf"({name}=)(?![\[\"'])[^\s&;,'\"<>\])}}]+", re.I), r"\1"),
             (re.compile(r"(base64url\.bearer\.phx\.)[A-Za-z0-9+/=_%-]+"), r"\1"),
@@ -173,6 +168,10 @@ def setup(
         )
     )
     root.setLevel(getattr(logging, config.level.upper()))
+    # [log] connections = false silences the connect, join and leave lines alone.
+    logging.getLogger(ACTIVITY_LOGGER).setLevel(
+        logging.NOTSET if config.connections else logging.WARNING
+    )
 
 
 def reconfigure(config: LogConfig, *, secret_params: Iterable[str] = ()) -> None:

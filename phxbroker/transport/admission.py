@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from phxbroker.auth.authenticator import Authenticator, Identity, Refused
-from phxbroker.auth.origin import origin_problem
+from phxbroker.auth.origin import LoggedOnce, allowing_change, origin_problem
 from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import IPNetwork, LimitsConfig, ServerConfig
 from phxbroker.protocol.serializers import Serializer, serializer_for
@@ -158,6 +158,7 @@ class Admission:
     ) -> None:
         self.stats = stats
         self.connections = ConnectionCounter()  # TCP connections on the listen port
+        self._refused_origins = LoggedOnce()  # phoenix.js retries a refused page for ever
         self.configure(authenticator, server, limits)
 
     def configure(
@@ -176,16 +177,29 @@ class Admission:
         return Refusal(*problem)
 
     def check_origin(self, request: Request) -> Refusal | None:
-        """The refusal when the request's Origin is not allowed (Phoenix's check_origin)."""
+        """The refusal when the request's Origin is not allowed (Phoenix's check_origin).
+        Each refused origin is logged once, with the config change that would allow it."""
         cfg = self.server
+        origin = request.headers.get("origin")
         problem = origin_problem(
-            request.headers.get("origin"),
+            origin,
             cfg.check_origin,
             host=cfg.host,
             request_scheme="https" if cfg.tls_context is not None else "http",
             request_host=request.header("host"),
         )
-        return None if problem is None else Refusal(403, "origin", problem)
+        if problem is None:
+            return None
+        if self._refused_origins.first((origin, cfg.check_origin, cfg.host)):
+            change = allowing_change(origin or "", cfg.check_origin)
+            refusals_log.info(
+                "refused connect from %s on %s: %s%s (logged once per origin)",
+                request.remote,
+                request.path,
+                problem,
+                f"; to allow it, {change}" if change else "",
+            )
+        return Refusal(403, "origin", problem)
 
     def admit(self, params: dict[str, str], header_token: str | None = None) -> Admitted:
         """The serializer the `vsn` param asks for and the client's identity; raises
@@ -202,8 +216,11 @@ class Admission:
         return Admitted(serializer, identity)
 
     def refused(self, refusal: Refusal, request: Request, what: str = "connect") -> None:
-        """Count and log a refusal (`what` says which kind of connect it was)."""
+        """Count and log a refusal (`what` says which kind of connect it was); a refused
+        origin was logged once by `check_origin`."""
         self.stats.count_refusal(refusal.reason)
+        if refusal.reason == "origin":
+            return
         refusals_log.info(
             "refused %s from %s on %s: %s", what, request.remote, request.path, refusal
         )

@@ -8,6 +8,7 @@ status, such as 431 for oversized headers) and the connection is closed.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -53,6 +54,8 @@ class Request:
     remote: str
     body: bytes = b""
     params: dict[str, str] = field(default_factory=dict)
+    # time.perf_counter() when its head was parsed: a connect's log line says how long after.
+    received_at: float = field(default_factory=time.perf_counter)
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import trio
 
+from phxbroker.broker.activity import ActivityLog
 from phxbroker.config.settings import LongPollConfig
 from phxbroker.protocol import close_codes
 from phxbroker.protocol.messages import ProtocolError
@@ -55,8 +56,10 @@ class LongPoll:
         admission: Admission,
         sessions: LongPollSessions,
         inbound: Inbound,
+        activity: ActivityLog,
     ) -> None:
         self.admission = admission
+        self.activity = activity
         self.sessions = sessions
         self.inbound = inbound
         self.stats = sessions.stats
@@ -122,6 +125,7 @@ class LongPoll:
             await self._refuse(conn, request, refusal)
             return
         session = await self.sessions.open(request.remote, admitted.serializer, admitted.identity)
+        self.activity.connected(session, request.path, params, request.received_at)
         await self._answer_messages(conn, session, 410)
 
     async def _listen(self, conn: HttpConnection, session: LongPollSession) -> None:

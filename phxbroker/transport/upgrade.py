@@ -15,6 +15,7 @@ import json
 
 from wsproto.utilities import generate_accept_token
 
+from phxbroker.broker.activity import ActivityLog
 from phxbroker.transport.admission import Admission, Refusal
 from phxbroker.transport.http import HttpConnection, Request
 from phxbroker.transport.sockets import SocketHub
@@ -32,8 +33,10 @@ class WebSocketUpgrade:
         websockets: WebSockets,
         hub: SocketHub,
         peer_ids: itertools.count[int],
+        activity: ActivityLog,
     ) -> None:
         self.admission = admission
+        self.activity = activity
         self.websockets = websockets
         self.hub = hub
         self.peer_ids = peer_ids
@@ -80,6 +83,7 @@ class WebSocketUpgrade:
             credential=admitted.identity.credential,
         )
         trailing = await conn.switch_protocols(headers)
+        self.activity.connected(peer, request.path, request.params, request.received_at)
         await self.websockets.run(peer, trailing)
         return True
 

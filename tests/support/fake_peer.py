@@ -1,4 +1,5 @@
-"""A broker peer without a socket: it records what the broker sends, decoded."""
+"""A broker without sockets: fake peers that record what the broker sends (decoded), a fake
+clock, and a topic config that exercises every rule."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import itertools
 import json
 from typing import Any
 
-from phxbroker.broker.core import Broadcast
+from phxbroker.broker.core import Broadcast, Broker
+from phxbroker.protocol.messages import Message
 from phxbroker.protocol.serializers import V2, Serializer
 
 _ids = itertools.count(1)
@@ -50,3 +52,57 @@ class FakePeer:
 def _decode(encoded: tuple[bool, bytes]) -> Any:
     is_binary, data = encoded
     return ("binary", data) if is_binary else json.loads(data)
+
+
+CONFIG = """
+[server]
+max_channels = 3
+[[topics]]
+pattern = "room:*"
+join_reply = { joined = "{suffix}", by = "{user}" }
+relay = ["new_msg"]
+relay_user_key = "user"
+echo = ["ping"]
+count = ["hit"]
+presence = true
+presence_meta = ["status"]
+presence_update = ["set_status"]
+coalesce_ms = 100
+[[topics]]
+pattern = "users:{user}"
+join = "self"
+[[topics]]
+pattern = "crashy"
+unhandled = "crash"
+[[topics]]
+pattern = "quiet"
+unhandled = "ignore"
+[[topics]]
+pattern = "public"
+join = "anyone"
+[[topics]]
+pattern = "all"
+count = ["hit"]
+relay = ["msg"]
+history = 2
+status_event = "status_users"
+coalesce_ms = 100
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def connect(broker: Broker, user: str | None, serializer: Serializer = V2) -> FakePeer:
+    peer = FakePeer(user, serializer)
+    broker.connect(peer)
+    return peer
+
+
+def join(broker: Broker, peer: FakePeer, topic: str, ref: str = "1", payload: Any = None):
+    broker.handle(peer, Message(ref, ref, topic, "phx_join", payload or {}))
