@@ -24,6 +24,7 @@ from support.browser import (
     PageServer,
     check_browser_installed,
 )
+from support.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL_PAGE = E2E_DIR / "pages" / "channel.html"
@@ -32,22 +33,19 @@ STATUS_CONFIG = STATUS_DIR / "phxbroker.toml"
 STATUS_PASSWORD = "status-demo"  # the shared password whose digest the example holds
 
 
-def origin_config(page_origin: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """A broker config that lets pages from `page_origin` connect, and the connect params
-    such a page sends. The one place the browser tests' config comes from."""
-    config = {
-        "server": {"check_origin": [page_origin]},
-        "auth": {"tokens": [{"user": "alice", "token": "alice-page-token"}]},
-        "topics": [
-            {
-                "pattern": "room:*",
-                "join": "authenticated",
-                "relay": ["new_msg"],
-                "relay_user_key": "user",
-            }
-        ],
-    }
-    return config, {"token": "alice-page-token"}
+def origin_config(page_origin: str, workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config `phxbroker init --origin <page_origin>` writes, as a new user gets it, and
+    the connect params a page of that origin sends. Only where it listens and its admin
+    socket change, so that tests run side by side. The one place the browser tests' config
+    comes from."""
+    made = cli("init", workdir, "--origin", page_origin, "--user", "alice")
+    assert made.returncode == 0, made.stderr
+    secrets = dict(line.rsplit(": ", 1) for line in made.stdout.splitlines())
+    config = tomllib.loads((workdir / "phxbroker.toml").read_text())
+    config["server"]["listen"] = "127.0.0.1:0"
+    config.setdefault("admin", {})["socket"] = "admin.sock"
+    config["auth"]["tokens_file"] = str(workdir / "tokens.toml")
+    return config, {"token": secrets["token alice"]}
 
 
 def status_config(page_origin: str) -> dict[str, Any]:
@@ -79,10 +77,10 @@ def channel_pages() -> Iterator[PageServer]:
 
 
 def test_a_page_from_an_allowed_origin_joins_pushes_and_sees_the_broadcast(
-    broker_factory, channel_pages: PageServer, browser: Browser
+    broker_factory, channel_pages: PageServer, browser: Browser, tmp_path: Path
 ) -> None:
     page_origin = channel_pages.origin()
-    config, params = origin_config(page_origin)
+    config, params = origin_config(page_origin, tmp_path / "etc")
     broker = broker_factory(config)
 
     url = channel_pages.url(
@@ -103,9 +101,9 @@ def test_a_page_from_an_allowed_origin_joins_pushes_and_sees_the_broadcast(
 
 
 def test_a_page_from_an_origin_not_configured_is_refused_and_never_joins(
-    broker_factory, channel_pages: PageServer, browser: Browser
+    broker_factory, channel_pages: PageServer, browser: Browser, tmp_path: Path
 ) -> None:
-    config, params = origin_config(channel_pages.origin("127.0.0.1"))
+    config, params = origin_config(channel_pages.origin("127.0.0.1"), tmp_path / "etc")
     broker = broker_factory(config)
     other_origin = channel_pages.origin("localhost")  # the same server, another origin
     since = broker.mark()
