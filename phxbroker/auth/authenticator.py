@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from phxbroker.auth.bans import Bans
 from phxbroker.auth.phoenix_token import TokenError
@@ -34,6 +35,7 @@ class Identity:
 
     user: str | None
     credential: object = None  # compared on reload to close sockets of revoked credentials
+    assigns: dict[str, Any] | None = None  # the socket's assigns, from the app's connect hook
 
 
 class Refused(Exception):

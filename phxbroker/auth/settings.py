@@ -22,6 +22,7 @@ class AuthConfig:
     token_param: str = "token"
     user_param: str = ""
     allow_anonymous: bool = False
+    hook: bool = False  # ask the app's back end on every connect ([hooks] url /connect)
     tokens: tuple[TokenEntry, ...] = ()  # the main config's and the tokens file's
     tokens_file: Path | None = None  # managed by `phxbroker token`; resolved absolute
     jwt: SignedTokenConfig | None = None

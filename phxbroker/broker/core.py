@@ -28,9 +28,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from phxbroker.broker.activity import ActivityLog
+from phxbroker.broker.outside import UNAVAILABLE, EventAnswer, JoinAnswer, Publish
 from phxbroker.broker.presence import Presence
 from phxbroker.broker.stats import Stats
 from phxbroker.broker.topics import TopicRule, find_rule, render_template
@@ -43,6 +45,10 @@ log = logging.getLogger("phxbroker.broker")
 UNMATCHED = {"reason": "unmatched topic"}
 UNAUTHORIZED = {"reason": "unauthorized"}
 TOO_MANY = {"reason": "too many channels joined"}
+TOO_MANY_WAITING = {"reason": "too many messages waiting for the app"}
+NO_BINARY = {"reason": "binary payloads are not sent to the app"}
+# Messages one channel may have waiting behind an answer from the app's back end.
+MAX_HELD = 100
 
 
 class Broadcast:
@@ -83,6 +89,7 @@ class Peer(Protocol):
     transport: str
     remote: str
     channels: dict[str, Channel]  # owned by the broker
+    assigns: dict[str, Any] | None  # the socket's assigns, from the app's connect hook
 
     def send(self, encoded: tuple[bool, bytes]) -> None:
         """Queue one encoded message for this connection only."""
@@ -138,15 +145,41 @@ class LocalOnly:
         pass
 
 
+@dataclass(slots=True, eq=False)
+class Question:
+    """A join (`channel` None) or a client event waiting for the back end's answer."""
+
+    kind: str  # "join" | "event"
+    peer: Peer
+    msg: Message
+    channel: Channel | None = None
+
+    @property
+    def topic(self) -> str:
+        return self.msg.topic
+
+
+class Outside(Protocol):
+    """Who answers the broker's questions (the back-end hooks). Called in the broker task:
+    it must not block; the answer comes back later through `Broker.answer`."""
+
+    def ask(self, question: Question) -> None: ...
+
+    def lifecycle(self, kind: str, topic: str | None, peer: Peer) -> None:
+        """A join, leave, disconnect, occupied or vacated event, for the back end to hear."""
+        ...
+
+
 class Channel:
     """One joined topic on one connection."""
 
-    __slots__ = ("join_ref", "phx_ref", "topic")
+    __slots__ = ("assigns", "join_ref", "phx_ref", "topic")
 
-    def __init__(self, topic: Topic, join_ref: Any) -> None:
+    def __init__(self, topic: Topic, join_ref: Any, assigns: dict[str, Any] | None = None) -> None:
         self.topic = topic
         self.join_ref = join_ref
         self.phx_ref: str | None = None  # presence meta tracked for this channel
+        self.assigns = assigns  # the channel's assigns, from the app's join and event hooks
 
 
 class Topic:
@@ -224,6 +257,7 @@ class Broker:
         self._schedule: list[tuple[float, int, Topic]] = []
         self._seq = itertools.count()
         self.fanout: Fanout = LocalOnly()
+        self.outside: Outside | None = None  # the app's back end, when hooks are configured
         # Messages held, per connection and topic, while a channel waits for an answer.
         self._held: dict[Peer, dict[str, deque[Message]]] = {}
         # Connect, join and leave lines; transports report their connects here too.
@@ -276,6 +310,8 @@ class Broker:
         self.activity.disconnected(peer, len(peer.channels))
         for channel in list(peer.channels.values()):
             self._unsubscribe(peer, channel)
+        if self.outside is not None:
+            self.outside.lifecycle("disconnect", None, peer)
         if peer.user is not None:
             sockets = self.users.get(peer.user)
             if sockets is not None:
@@ -290,7 +326,20 @@ class Broker:
         self.stats.messages_in += 1
         held = self._held.get(peer)
         if held is not None and msg.topic in held:
-            held[msg.topic].append(msg)  # its channel waits for an answer: keep the order
+            queue = held[msg.topic]
+            if len(queue) >= MAX_HELD:
+                self.stats.count_refusal("too_many_waiting")
+                self._send(
+                    peer,
+                    peer.serializer.encode_reply,
+                    msg.join_ref,
+                    msg.ref,
+                    msg.topic,
+                    "error",
+                    TOO_MANY_WAITING,
+                )
+                return
+            queue.append(msg)  # its channel waits for an answer: keep the order
             return
         self._dispatch(peer, msg)
 
@@ -328,6 +377,103 @@ class Broker:
         if not held_by_peer:
             self._held.pop(peer, None)
 
+    # -- answers from the app's back end -----------------------------------------------
+
+    def answer(self, question: Question, answer: JoinAnswer | EventAnswer | None) -> None:
+        """Apply the back end's answer to a join or an event (None: no usable answer came),
+        then hand on what the channel's wait held back."""
+        peer = question.peer
+        try:
+            if peer in self.peers:
+                if question.kind == "join":
+                    assert answer is None or isinstance(answer, JoinAnswer)
+                    self._answer_join(question, answer)
+                else:
+                    assert answer is None or isinstance(answer, EventAnswer)
+                    self._answer_event(question, answer)
+            elif isinstance(answer, EventAnswer):
+                # The client has gone, but the back end acted: the others still hear of it.
+                for publish in answer.broadcasts:
+                    self._publish_answered(question.topic, publish, None)
+        finally:
+            self.resume(peer, question.topic)
+
+    def _answer_join(self, question: Question, answer: JoinAnswer | None) -> None:
+        peer, msg = question.peer, question.msg
+        name = msg.topic
+        s = peer.serializer
+        started = time.perf_counter()
+        found = find_rule(self.rules, name)  # a reload may have come in between
+        if answer is None or not answer.ok or found is None:
+            self.stats.join_errors += 1
+            if found is None:
+                response, why = UNMATCHED, "no [[topics]] pattern matches it any more"
+            elif answer is None:
+                self.stats.count_refusal("app_unavailable")
+                response, why = UNAVAILABLE, "the app's back end did not answer"
+            else:
+                self.stats.count_refusal("join_refused_by_app")
+                response, why = answer.response, "the app's back end refused it"
+            self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", response)
+            self.activity.join_refused(peer, name, why, started)
+            return
+        rule, captures = found
+        if name not in peer.channels and len(peer.channels) >= self.max_channels:
+            self.stats.join_errors += 1
+            self.stats.count_refusal("too_many_channels")
+            self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "error", TOO_MANY)
+            return
+        channel = self._subscribe(
+            peer,
+            msg,
+            rule,
+            captures,
+            answer.response,
+            started=started,
+            assigns=answer.assigns,
+            presence_meta=answer.presence_meta,
+        )
+        for push in answer.pushes:
+            self._send(peer, s.encode_push, channel.join_ref, name, push.event, push.payload)
+        for publish in answer.broadcasts:
+            self._publish_answered(name, publish, peer)
+
+    def _answer_event(self, question: Question, answer: EventAnswer | None) -> None:
+        peer, msg, channel = question.peer, question.msg, question.channel
+        assert channel is not None
+        name = msg.topic
+        s = peer.serializer
+        live = peer.channels.get(name) is channel  # not left, kicked or rejoined meanwhile
+        if answer is None:
+            self.stats.count_refusal("app_unavailable")
+            if live:
+                reply = s.encode_reply
+                self._send(peer, reply, channel.join_ref, msg.ref, name, "error", UNAVAILABLE)
+            return
+        if live:
+            if answer.assigns is not None:
+                channel.assigns = answer.assigns
+            for push in answer.pushes:
+                self._send(peer, s.encode_push, channel.join_ref, name, push.event, push.payload)
+        # Phoenix's broadcast! leaves before handle_in's reply, from the same process.
+        for publish in answer.broadcasts:
+            self._publish_answered(name, publish, peer)
+        if live and answer.reply is not None:
+            status, response = answer.reply
+            self._send(peer, s.encode_reply, channel.join_ref, msg.ref, name, status, response)
+        if live and answer.stop is not None:
+            ended = messages.PHX_CLOSE if answer.stop == "close" else messages.PHX_ERROR
+            self._end_channel(peer, channel, ended)
+        if answer.disconnect:
+            self.disconnect(peer)
+            peer.close(close_codes.GOING_AWAY, "disconnected by the app")
+
+    def _publish_answered(self, topic: str, publish: Publish, sender: Peer | None) -> None:
+        """A broadcast an answer asked for: to the channel's topic or another one, from
+        everyone (`broadcast!`) or but the sender (`broadcast_from!`)."""
+        broadcast = Broadcast(publish.topic or topic, publish.event, publish.payload)
+        self._publish(broadcast, except_peer=sender if publish.except_self else None)
+
     # -- operations for the API and the CLI ----------------------------------------------
 
     def publish(self, topic: str, event: str, payload: Any) -> int:
@@ -335,13 +481,13 @@ class Broker:
         node; returns how many it reached here."""
         return self._publish(Broadcast(topic, event, payload))
 
-    def _publish(self, broadcast: Broadcast) -> int:
+    def _publish(self, broadcast: Broadcast, except_peer: Peer | None = None) -> int:
         t = self.topics.get(broadcast.topic)
         if t is None or not t.subscribers:
             self.stats.broadcasts += 1
             reached = 0
         else:
-            reached = self._broadcast(t, broadcast)
+            reached = self._broadcast(t, broadcast, except_peer)
         self.fanout.broadcast(broadcast)
         return reached
 
@@ -426,18 +572,11 @@ class Broker:
                 started,
             )
             return
-        if old is not None:
-            # Duplicate join: Phoenix stops the old channel, joins anew, and only then
-            # tells the client the old one closed.
-            self._unsubscribe(peer, old)
-        topic = self.topics.get(name)
-        if topic is None:
-            topic = self.topics[name] = Topic(name, rule, captures)
-        channel = Channel(topic, msg.join_ref)
-        peer.channels[name] = channel
-        topic.subscribers[peer] = channel
-        self.stats.joins += 1
-
+        if rule.join.kind == "hook" and self.outside is not None:
+            # The app's back end decides (join/3); this topic's later messages wait.
+            self.defer(peer, name)
+            self.outside.ask(Question("join", peer, msg))
+            return
         variables = {
             "topic": name,
             "suffix": captures.get("suffix", ""),
@@ -445,6 +584,37 @@ class Broker:
             **captures,
         }
         response = render_template(rule.join_reply, variables) if rule.join_reply else {}
+        self._subscribe(peer, msg, rule, captures, response, started=started)
+
+    def _subscribe(
+        self,
+        peer: Peer,
+        msg: Message,
+        rule: TopicRule,
+        captures: dict[str, str],
+        response: Any,
+        *,
+        started: float,
+        assigns: dict[str, Any] | None = None,
+        presence_meta: dict[str, Any] | None = None,
+    ) -> Channel:
+        """Join `peer` to `msg.topic`: subscribe, reply ok with `response`, then what a
+        joiner gets (presence state, the status map)."""
+        s = peer.serializer
+        name = msg.topic
+        old = peer.channels.get(name)
+        if old is not None:
+            # Duplicate join: Phoenix stops the old channel, joins anew, and only then
+            # tells the client the old one closed.
+            self._unsubscribe(peer, old)
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.topics[name] = Topic(name, rule, captures)
+        occupied = not topic.subscribers
+        channel = Channel(topic, msg.join_ref, assigns)
+        peer.channels[name] = channel
+        topic.subscribers[peer] = channel
+        self.stats.joins += 1
         self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "ok", response)
         if old is not None:
             self._tell_ended(peer, old, messages.PHX_CLOSE)
@@ -456,7 +626,7 @@ class Broker:
             if first:
                 status_follows = self._status_changed(topic, "users")
         if topic.presence is not None:
-            self._track(peer, channel, msg.payload)
+            self._track(peer, channel, msg.payload, presence_meta)
             self._push_raw(peer, channel, "presence_state", topic.presence.snapshot_json())
         # A joiner is a subscriber already: when its join changed the status map (or a change
         # is pending), the broadcast that follows reaches it, so it gets the map once, as
@@ -464,6 +634,11 @@ class Broker:
         if rule.status_event and rule.status_on_join and not (status_follows or topic.status_dirty):
             self._push_raw(peer, channel, rule.status_event, self._status_json(topic))
         self.activity.joined(peer, name, msg.payload, started)
+        if self.outside is not None:
+            if occupied:
+                self.outside.lifecycle("occupied", name, peer)
+            self.outside.lifecycle("join", name, peer)
+        return channel
 
     def _leave(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
@@ -478,6 +653,7 @@ class Broker:
 
     def _push(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
+        reply = s.encode_reply
         channel = peer.channels.get(msg.topic)
         if channel is None:
             self._send(peer, s.encode_reply, None, msg.ref, msg.topic, "error", UNMATCHED)
@@ -486,7 +662,14 @@ class Broker:
         rule = topic.rule
         event = msg.event
         payload = msg.payload
-        if event in rule.echo:
+        if rule.hook_events and self.outside is not None and rule.hooks(event):
+            if isinstance(payload, bytes):
+                self._send(peer, reply, channel.join_ref, msg.ref, msg.topic, "error", NO_BINARY)
+                return
+            # The app's back end handles it (handle_in/3); the channel's later messages wait.
+            self.defer(peer, msg.topic)
+            self.outside.ask(Question("event", peer, msg, channel))
+        elif event in rule.echo:
             self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", payload)
         elif event in rule.relay and self._relayable(rule, payload):
             if rule.relay_user_key and isinstance(payload, dict):
@@ -538,6 +721,10 @@ class Broker:
             return
         del topic.subscribers[peer]
         self.stats.leaves += 1
+        if self.outside is not None:
+            self.outside.lifecycle("leave", topic.name, peer)
+            if not topic.subscribers:
+                self.outside.lifecycle("vacated", topic.name, peer)
         if channel.phx_ref is not None and topic.presence is not None:
             key = self._presence_key(peer)
             untracked = topic.presence.untrack(key, channel.phx_ref)
@@ -570,11 +757,17 @@ class Broker:
     def _presence_key(peer: Peer) -> str:
         return peer.user if peer.user is not None else f"anonymous:{peer.id}"
 
-    def _track(self, peer: Peer, channel: Channel, params: Any) -> None:
+    def _track(
+        self, peer: Peer, channel: Channel, params: Any, given: dict[str, Any] | None = None
+    ) -> None:
+        """Track the channel's presence: `online_at` plus the configured `presence_meta`
+        keys of the join params, or the meta the app's join hook gave."""
         topic = channel.topic
         assert topic.presence is not None
         meta: dict[str, Any] = {"online_at": str(int(self.wall_clock()))}
-        if isinstance(params, dict):
+        if given is not None:
+            meta.update(given)
+        elif isinstance(params, dict):
             for key in topic.rule.presence_meta:
                 if key in params:
                     meta[key] = params[key]
@@ -653,13 +846,23 @@ class Broker:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _broadcast(self, topic: Topic, broadcast: Broadcast) -> int:
+    def _broadcast(
+        self, topic: Topic, broadcast: Broadcast, except_peer: Peer | None = None
+    ) -> int:
         subscribers = topic.subscribers
-        for peer in subscribers:
-            peer.deliver(broadcast)
+        if except_peer is not None and except_peer in subscribers:
+            reached = 0
+            for peer in subscribers:
+                if peer is not except_peer:
+                    peer.deliver(broadcast)
+                    reached += 1
+        else:
+            for peer in subscribers:
+                peer.deliver(broadcast)
+            reached = len(subscribers)
         self.stats.broadcasts += 1
-        self.stats.deliveries += len(subscribers)
-        return len(subscribers)
+        self.stats.deliveries += reached
+        return reached
 
     def _broadcast_raw(self, topic: Topic, event: str, payload_json: bytes) -> int:
         return self._broadcast(topic, Broadcast(topic.name, event, RawJSON(payload_json)))

@@ -12,6 +12,8 @@ from typing import Any
 
 # Upper bounds (seconds) of the broker batch duration histogram's buckets.
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# ... and of the hook call duration histogram's (a call's whole time, retries included).
+HOOK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Histogram:
@@ -66,6 +68,12 @@ class Stats:
         self.broker_commands = 0
         # Time the broker task spends on one batch of commands plus the socket flush.
         self.broker_batches = Histogram(BATCH_BUCKETS)
+        # Calls to the app's back end: "<kind>:<outcome>" (e.g. "join:ok", "event:timeout").
+        self.hook_calls: dict[str, int] = {}
+        self.hook_latency = Histogram(HOOK_BUCKETS)
+        self.hook_in_flight = 0
+        self.hook_breaker = "closed"  # the circuit breaker: closed, open or half_open
+        self.hook_backlog = 0  # lifecycle events waiting to be delivered
 
     def count_refusal(self, reason: str) -> None:
         """Count one refused connect, join or message, by a short machine-readable reason."""
@@ -78,5 +86,6 @@ class Stats:
             if not k.startswith("_") and not isinstance(v, Histogram)
         }
         data["refusals"] = dict(self.refusals)
+        data["hook_calls"] = dict(self.hook_calls)
         data["uptime"] = time.time() - self.started_at
         return data

@@ -64,13 +64,14 @@ def parse_pattern(text: str) -> Pattern:
 
 @dataclass(frozen=True, slots=True)
 class JoinPolicy:
-    """Who may join: anyone, any authenticated user, the user named in the topic, or a list."""
+    """Who may join: anyone, any authenticated user, the user named in the topic, a list,
+    or whoever the app's back end lets in (`"hook"`, asked on every join)."""
 
-    kind: str  # "anyone" | "authenticated" | "self" | "users"
+    kind: str  # "anyone" | "authenticated" | "self" | "users" | "hook"
     users: frozenset[str] = frozenset()
 
     def allows(self, user: str | None, captures: dict[str, str]) -> bool:
-        if self.kind == "anyone":
+        if self.kind in ("anyone", "hook"):
             return True
         if user is None:
             return False
@@ -119,6 +120,15 @@ class TopicRule:
     relay_binary: bool = True
     ack: bool = False
     unhandled: str = "error"
+    # Client events the app's back end handles: exact names, or prefixes written "lists:*".
+    hook_events: tuple[str, ...] = ()
+
+    def hooks(self, event: str) -> bool:
+        """Whether `event` goes to the app's back end."""
+        return any(
+            event.startswith(name[:-1]) if name.endswith("*") else event == name
+            for name in self.hook_events
+        )
 
     @property
     def tracks_users(self) -> bool:

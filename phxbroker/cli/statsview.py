@@ -75,6 +75,23 @@ def render(
     refusals = c.get("refusals") or {}
     detail = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
     figures.add_row("refusals", f"{sum(refusals.values()):,}", detail)
+    hook_calls = c.get("hook_calls") or {}
+    if hook_calls:
+        outcomes: dict[str, int] = {}
+        for key, count in hook_calls.items():
+            outcome = key.partition(":")[2]
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+        figures.add_row(
+            "app hook calls",
+            f"{sum(outcomes.values()):,}",
+            ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
+        )
+        figures.add_row(
+            "app hooks now",
+            f"{c.get('hook_in_flight', 0):,} in flight",
+            f"breaker {c.get('hook_breaker', 'closed')}, "
+            f"{c.get('hook_backlog', 0):,} lifecycle events waiting",
+        )
     bans = report.get("bans") or {}
     if bans:
         figures.add_row(

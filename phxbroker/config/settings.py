@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from phxbroker.auth import origin
 from phxbroker.auth.settings import AuthConfig, TokenEntry
 from phxbroker.broker.topics import JoinPolicy, TopicRule, parse_pattern
 from phxbroker.config import tls
-from phxbroker.config.signed_tokens import parse_jwt, parse_phoenix_token
+from phxbroker.config.signed_tokens import parse_jwt, parse_phoenix_token, read_secret
 from phxbroker.config.table import ConfigError, Table, config_relative, read_toml
 
 DEFAULT_LISTEN = "127.0.0.1:4000"
+MAX_HOOK_TIMEOUT_MS = 8000  # well under phoenix.js's 10 s push and join timeout
 # systemd's RuntimeDirectory=phxbroker creates /run/phxbroker for the daemon's user.
 DEFAULT_ADMIN_SOCKET = "/run/phxbroker/admin.sock"
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
@@ -120,6 +123,22 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """The app's back end, asked over HTTP: `<url>/connect`, `/join`, `/event`, `/events`."""
+
+    url: str
+    secret: bytes = field(repr=False)  # signs every call; from secret_env or secret_file
+    timeout_ms: int = 3000  # a whole call, retries included
+    max_concurrency: int = 64  # calls under way at once
+    max_queue: int = 1024  # calls waiting for one of those; beyond it they fail at once
+    forward_headers: tuple[str, ...] = ()  # client request headers the connect call carries
+    lifecycle: bool = True  # join, leave, disconnect, occupied and vacated events to /events
+    vacated_delay_ms: int = 5000  # a vacated topic is told after this, unless occupied again
+    max_answer_size: int = 1_048_576
+    max_assigns_size: int = 16_384  # socket or channel assigns, as JSON
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -131,6 +150,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    hooks: HooksConfig | None = None
 
 
 def load_config(path: str | Path) -> Config:
@@ -169,7 +189,23 @@ def parse_config(
     longpoll = _parse_longpoll(root.table("longpoll"))
     metrics = _parse_metrics(root.table("metrics"))
     limits = _parse_limits(root.table("limits"))
+    hooks = _parse_hooks(root.table("hooks")) if root.has("hooks") else None
     root.done()
+    if hooks is None:
+        needing = [r for r in topics if r.join.kind == "hook" or r.hook_events]
+        if needing:
+            rule = needing[0]
+            what = 'join = "hook"' if rule.join.kind == "hook" else "hook_events"
+            raise ConfigError(
+                path,
+                "hooks",
+                f'is missing: [[topics]] pattern "{rule.pattern.text}" has {what}, which asks '
+                "the app's back end ([hooks] url)",
+            )
+        if auth.hook:
+            raise ConfigError(
+                path, "hooks", "is missing: [auth] hook = true asks the app's back end on connect"
+            )
     if auth.tokens_file is not None:
         if tokens_document is None:
             tokens_document = _read_tokens_file(auth.tokens_file, path)
@@ -191,6 +227,7 @@ def parse_config(
         api=api,
         admin=admin,
         limits=limits,
+        hooks=hooks,
     )
 
 
@@ -214,7 +251,7 @@ def config_warnings(config: Config) -> list[str]:
     if not config.topics:
         found.append('no [[topics]]: every join is refused with "unmatched topic"')
     auth = config.auth
-    if not (auth.tokens or auth.jwt or auth.phoenix_token or auth.allow_anonymous):
+    if not (auth.tokens or auth.jwt or auth.phoenix_token or auth.allow_anonymous or auth.hook):
         found.append(
             "no connect tokens ([[auth.tokens]] or the tokens file), no [auth.jwt], no "
             "[auth.phoenix_token] and allow_anonymous = false: every connect is refused"
@@ -330,6 +367,7 @@ def _parse_auth(t: Table, base: Path) -> AuthConfig:
         token_param=t.string("token_param", d.token_param),
         user_param=t.string("user_param", d.user_param),
         allow_anonymous=t.boolean("allow_anonymous", d.allow_anonymous),
+        hook=t.boolean("hook", d.hook),
         tokens=_parse_tokens(t),
         tokens_file=(base / tokens_file).absolute() if tokens_file else None,
     )
@@ -404,7 +442,7 @@ def _parse_admin(t: Table, base: Path) -> AdminConfig:
     return AdminConfig(socket=socket, mode=mode, configured=configured)
 
 
-_JOIN_WORDS = {"anyone", "authenticated", "self"}
+_JOIN_WORDS = {"anyone", "authenticated", "self", "hook"}
 _UNHANDLED = {"error", "ignore", "crash"}
 _STATUS_FIELDS = ("users", "user_count", "hits", "msgs")
 
@@ -426,7 +464,9 @@ def _parse_topic(t: Table) -> TopicRule:
     elif isinstance(join_raw, list) and all(isinstance(u, str) for u in join_raw):
         join = JoinPolicy(kind="users", users=frozenset(join_raw))
     else:
-        raise t.error("join", 'expected "anyone", "authenticated", "self" or a list of users')
+        raise t.error(
+            "join", 'expected "anyone", "authenticated", "self", "hook" or a list of users'
+        )
     if join.kind == "self" and "user" not in pattern.captures:
         raise t.error("join", '"self" needs a pattern with a {user} part, e.g. "users:{user}"')
 
@@ -464,6 +504,7 @@ def _parse_topic(t: Table) -> TopicRule:
         relay_binary=t.boolean("relay_binary", True),
         ack=t.boolean("ack", False),
         unhandled=unhandled,
+        hook_events=_hook_events(t),
     )
     if rule.presence_update and not rule.presence:
         raise t.error("presence_update", "needs presence = true")
@@ -475,11 +516,67 @@ def _parse_topic(t: Table) -> TopicRule:
             f"event {sorted(overlap)[0]!r} is listed under more than one of "
             "relay, echo, count and presence_update",
         )
+    hooked = sorted(e for kind in kinds for e in kind if rule.hooks(e))
+    if hooked:
+        raise t.error(
+            "hook_events",
+            f"event {hooked[0]!r} is also listed under relay, echo, count or presence_update",
+        )
     for event in rule.relay | rule.echo | rule.count | rule.presence_update:
         if event.startswith("phx_"):
             raise t.error("relay", f"event {event!r} is reserved by the protocol")
     t.done()
     return rule
+
+
+def _hook_events(t: Table) -> tuple[str, ...]:
+    names = t.str_list("hook_events")
+    for name in names:
+        body = name.removesuffix("*")
+        if not body or "*" in body or name.startswith("phx_"):
+            raise t.error(
+                "hook_events",
+                f'{name!r} must be an event name or a prefix ending in *, such as "lists:*"',
+            )
+    return names
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+def _parse_hooks(t: Table) -> HooksConfig:
+    d = HooksConfig(url="", secret=b"")
+    url = t.string("url", "")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise t.error("url", "must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/hooks")
+    if parts.query or parts.fragment:
+        raise t.error("url", "is a base URL: calls go to <url>/connect, /join, /event, /events")
+    secret = read_secret(t, "secret", "the key that signs every call")
+    headers = tuple(h.lower() for h in t.str_list("forward_headers"))
+    for header in headers:
+        if not _HEADER_NAME.fullmatch(header):
+            raise t.error("forward_headers", f"{header!r} is not an HTTP header name")
+    cfg = HooksConfig(
+        url=url.rstrip("/"),
+        secret=secret,
+        timeout_ms=t.integer("timeout_ms", d.timeout_ms, minimum=50),
+        max_concurrency=t.integer("max_concurrency", d.max_concurrency, minimum=1),
+        max_queue=t.integer("max_queue", d.max_queue, minimum=0),
+        forward_headers=headers,
+        lifecycle=t.boolean("lifecycle", d.lifecycle),
+        vacated_delay_ms=t.integer("vacated_delay_ms", d.vacated_delay_ms, minimum=0),
+        max_answer_size=t.integer("max_answer_size", d.max_answer_size, minimum=1024),
+        max_assigns_size=t.integer("max_assigns_size", d.max_assigns_size, minimum=64),
+    )
+    if cfg.timeout_ms > MAX_HOOK_TIMEOUT_MS:
+        raise t.error(
+            "timeout_ms",
+            f"must be at most {MAX_HOOK_TIMEOUT_MS}: phoenix.js gives up on a push after 10 s, "
+            "and its client must get the error reply before that",
+        )
+    t.done()
+    return cfg
 
 
 def _parse_log(t: Table) -> LogConfig:

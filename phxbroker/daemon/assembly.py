@@ -27,6 +27,7 @@ from phxbroker.config.settings import Config, load_config
 from phxbroker.config.table import ConfigError
 from phxbroker.daemon.operations import Operations
 from phxbroker.daemon.runtime import BrokerTask
+from phxbroker.hooks.runner import HookRunner
 from phxbroker.ops import logs, notify
 from phxbroker.ops.api import PREFIX as API_PREFIX
 from phxbroker.ops.api import Api
@@ -82,6 +83,12 @@ class Daemon:
         self.admission = Admission(
             stats, Authenticator(config.auth, self.bans), config.server, config.limits
         )
+        # The app's back end, when [hooks] names one.
+        self.hooks: HookRunner | None = None
+        if config.hooks is not None:
+            self.hooks = HookRunner(config.hooks, gateway, broker, stats)
+            broker.outside = self.hooks
+            self.admission.connect_hook = self.hooks
         inbound = Inbound(gateway, broker, hub)
         self.websockets = WebSockets(gateway, broker, inbound, hub)
         self.longpoll_sessions = LongPollSessions(
@@ -119,6 +126,7 @@ class Daemon:
             config.server, self.admission, router, stats, lambda: stats.connections_open
         )
         self.listen_address: tuple[str, int] | None = None
+        self._nursery: trio.Nursery | None = None
         # True once shutdown began: readiness fails and new clients are refused.
         self.draining = False
         self._reload_lock = trio.Lock()
@@ -154,6 +162,9 @@ class Daemon:
                 self.hub.attach(nursery)
                 self.hub.now = trio.current_time()
                 nursery.start_soon(self.broker_task.run)
+                self._nursery = nursery
+                if self.hooks is not None:
+                    await nursery.start(self.hooks.run)
                 if control is not None:
                     nursery.start_soon(control.serve)
                 nursery.start_soon(self._sweep)
@@ -340,6 +351,7 @@ class Daemon:
         self.router.socket_paths = new.server.socket_paths
         self.longpoll.configure(new.longpoll)
         self.api.configure(new.api)
+        await self._configure_hooks(new)
         logs.reconfigure(new.log, secret_params=[new.auth.token_param])
         try:
             closed = await self.broker_task.ask(self._apply_in_broker, new, authenticator)
@@ -359,6 +371,21 @@ class Daemon:
             else "",
         )
         return True
+
+    async def _configure_hooks(self, config: Config) -> None:
+        """Ask the back end a (reloaded) [hooks] names, or stop asking when it is gone."""
+        if config.hooks is None:
+            self.broker.outside = None
+            self.admission.connect_hook = None
+            return
+        if self.hooks is None:
+            self.hooks = HookRunner(config.hooks, self.broker_task, self.broker, self.stats)
+            if self._nursery is not None:
+                await self._nursery.start(self.hooks.run)
+        else:
+            self.hooks.configure(config.hooks)
+        self.admission.connect_hook = self.hooks
+        self.broker.outside = self.hooks
 
     def _refuse_reload(self, reason: str) -> bool:
         self.reload_error = reason

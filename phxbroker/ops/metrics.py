@@ -120,6 +120,8 @@ class StatsCollector:
             value=self.observed.topic_count(),
         )
 
+        yield from _hook_metrics(stats)
+
         batches = stats.broker_batches
         buckets = [(_le(bound), count) for bound, count in batches.cumulative()]
         yield HistogramMetricFamily(
@@ -128,6 +130,46 @@ class StatsCollector:
             buckets=buckets,
             sum_value=batches.sum,
         )
+
+
+def _hook_metrics(stats: Stats) -> Iterator[Metric]:
+    """The calls to the app's back end (nothing until [hooks] is configured)."""
+    if not stats.hook_calls:
+        return
+    calls = CounterMetricFamily(
+        PREFIX + "hook_calls",
+        "Calls to the app's back end, by kind (connect, join, event, events) and outcome.",
+        labels=["kind", "outcome"],
+    )
+    for key, count in sorted(stats.hook_calls.items()):
+        kind, _, outcome = key.partition(":")
+        calls.add_metric([kind, outcome], count)
+    yield calls
+    latency = stats.hook_latency
+    yield HistogramMetricFamily(
+        PREFIX + "hook_call_duration_seconds",
+        "Time a call to the app's back end took, retries included.",
+        buckets=[(_le(bound), count) for bound, count in latency.cumulative()],
+        sum_value=latency.sum,
+    )
+    yield GaugeMetricFamily(
+        PREFIX + "hook_calls_in_flight",
+        "Calls to the app's back end under way now.",
+        value=stats.hook_in_flight,
+    )
+    breaker = GaugeMetricFamily(
+        PREFIX + "hook_breaker",
+        "The circuit breaker before the app's back end: 1 for its current state.",
+        labels=["state"],
+    )
+    for state in ("closed", "open", "half_open"):
+        breaker.add_metric([state], 1 if stats.hook_breaker == state else 0)
+    yield breaker
+    yield GaugeMetricFamily(
+        PREFIX + "hook_lifecycle_backlog",
+        "Lifecycle events waiting to be delivered to the app's back end.",
+        value=stats.hook_backlog,
+    )
 
 
 def _le(bound: float) -> str:

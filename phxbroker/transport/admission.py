@@ -14,11 +14,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from phxbroker.auth.authenticator import Authenticator, Identity, Refused
 from phxbroker.auth.origin import LoggedOnce, allowing_change, origin_problem
 from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import IPNetwork, LimitsConfig, ServerConfig
+from phxbroker.hooks.contract import ConnectAnswer
+from phxbroker.hooks.runner import HookUnavailable
 from phxbroker.protocol.serializers import Serializer, serializer_for
 from phxbroker.transport.http import Request
 
@@ -138,6 +141,19 @@ class Refusal(Exception):
         self.reason = reason
 
 
+class ConnectHook(Protocol):
+    """The app's back end, asked about a connect (`UserSocket.connect/3`)."""
+
+    async def connect(
+        self,
+        params: dict[str, str],
+        headers: dict[str, str],
+        remote: str,
+        transport: str,
+        user: str | None,
+    ) -> ConnectAnswer: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """A connect that passed every check: how to speak to the client, and who it is."""
@@ -157,6 +173,7 @@ class Admission:
         limits: LimitsConfig,
     ) -> None:
         self.stats = stats
+        self.connect_hook: ConnectHook | None = None  # the app's back end, with [hooks]
         self.connections = ConnectionCounter()  # TCP connections on the listen port
         self._refused_origins = LoggedOnce()  # phoenix.js retries a refused page for ever
         self.configure(authenticator, server, limits)
@@ -201,19 +218,60 @@ class Admission:
             )
         return Refusal(403, "origin", problem)
 
-    def admit(self, params: dict[str, str], header_token: str | None = None) -> Admitted:
-        """The serializer the `vsn` param asks for and the client's identity; raises
-        Refusal (403) for an unsupported version or a refused credential."""
+    async def admit(
+        self,
+        request: Request,
+        params: dict[str, str],
+        header_token: str | None,
+        transport: str,
+    ) -> Admitted:
+        """The serializer the `vsn` param asks for and the client's identity: its token,
+        then (with `[auth] hook = true`) the app's back end. Raises Refusal: 403 for an
+        unsupported version or a refused credential, 503 when the back end cannot say."""
         serializer = serializer_for(params.get("vsn"))
         if serializer is None:
             raise Refusal(403, "bad_vsn", f"unsupported vsn {params.get('vsn')!r}")
+        auth = self.authenticator.config
+        asks_app = self.connect_hook is not None and auth.hook
         try:
-            identity = self.authenticator.authenticate(params, header_token)
+            if asks_app and not (auth.tokens or auth.jwt or auth.phoenix_token):
+                identity = Identity(user=None)  # the back end alone decides
+            else:
+                identity = self.authenticator.authenticate(params, header_token)
         except Refused as exc:
             if exc.reason != "banned":
                 self.stats.auth_failures += 1
             raise Refusal(403, exc.reason, str(exc)) from None
+        if asks_app:
+            identity = await self._ask_app(request, params, header_token, transport, identity)
         return Admitted(serializer, identity)
+
+    async def _ask_app(
+        self,
+        request: Request,
+        params: dict[str, str],
+        header_token: str | None,
+        transport: str,
+        identity: Identity,
+    ) -> Identity:
+        assert self.connect_hook is not None
+        try:
+            answer = await self.connect_hook.connect(
+                params, request.headers, remote_ip(request.remote), transport, identity.user
+            )
+        except HookUnavailable as exc:
+            raise Refusal(
+                503, "app_unavailable", f"the app's back end did not answer: {exc}"
+            ) from None
+        if not answer.ok:
+            self.stats.auth_failures += 1
+            raise Refusal(403, "refused_by_app", "the app's back end refused the connect")
+        user = answer.user if answer.user is not None else identity.user
+        if user is not None:
+            left = self.authenticator.bans.remaining(user)
+            if left is not None:
+                raise Refusal(403, "banned", f"user {user!r} is banned for {left:.0f} s more")
+        return Identity(user=user, credential=identity.credential, assigns=answer.assigns)
 
     def refused(self, refusal: Refusal, request: Request, what: str = "connect") -> None:
         """Count and log a refusal (`what` says which kind of connect it was); a refused

@@ -120,7 +120,9 @@ class LongPoll:
             await conn.respond(503, headers=OPEN_HEADERS, close=True)
             return
         try:
-            admitted = self.admission.admit(params, request.header("x-phoenix-authtoken") or None)
+            admitted = await self.admission.admit(
+                request, params, request.header("x-phoenix-authtoken") or None, "longpoll"
+            )
         except Refusal as refusal:
             await self._refuse(conn, request, refusal)
             return

@@ -56,6 +56,7 @@ class LongPollSession:
         "_frame_key",
         "_owner",
         "_wake",
+        "assigns",
         "bucket",
         "channels",
         "closed",
@@ -92,6 +93,7 @@ class LongPollSession:
         self.serializer = serializer
         self.user = identity.user
         self.credential = identity.credential
+        self.assigns = identity.assigns
         self.channels: dict[str, Channel] = {}
         self.pending: list[bytes] = []  # JSON string literals, ready to join into a response
         self.pending_size = 0

@@ -52,7 +52,9 @@ class WebSocketUpgrade:
             if refusal is not None:
                 raise refusal
             header_token, subprotocol = _subprotocol(request)
-            admitted = self.admission.admit(request.params, header_token)
+            admitted = await self.admission.admit(
+                request, request.params, header_token, "websocket"
+            )
         except Refusal as refusal:
             self.admission.refused(refusal, request)
             await conn.respond(refusal.status, close=True)
@@ -81,6 +83,7 @@ class WebSocketUpgrade:
             serializer=admitted.serializer,
             user=admitted.identity.user,
             credential=admitted.identity.credential,
+            assigns=admitted.identity.assigns,
         )
         trailing = await conn.switch_protocols(headers)
         self.activity.connected(peer, request.path, request.params, request.received_at)

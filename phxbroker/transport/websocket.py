@@ -40,6 +40,7 @@ class WebSocketPeer:
     answers_in_order = False  # heartbeats and refusals are answered by the reader at once
 
     __slots__ = (
+        "assigns",
         "blocked",
         "bucket",
         "channels",
@@ -68,8 +69,10 @@ class WebSocketPeer:
         serializer: Serializer,
         user: str | None,
         credential: object = None,
+        assigns: dict[str, Any] | None = None,
     ) -> None:
         self.sock = sock
+        self.assigns = assigns
         self.hub = hub
         self.id = peer_id
         self.remote = remote

@@ -25,6 +25,7 @@ class FakePeer:
         self.serializer = serializer
         self.remote = "test"
         self.channels: dict = {}
+        self.assigns: dict[str, Any] | None = None
         self.frames: list[Any] = []
         self.closed: tuple[int, str] | None = None
 
