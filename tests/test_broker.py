@@ -678,7 +678,9 @@ def test_a_broadcast_from_another_node_reaches_local_subscribers_only(broker: Br
     alice = connect(broker, "alice")
     join(broker, alice, "all")
     alice.take()
-    assert broker.deliver(Broadcast("all", "msg", {"n": 1}), relayed=True) == 1
+    relayed = Broadcast("all", "msg", {"n": 1})
+    relayed.relayed = True
+    assert broker.deliver(relayed) == 1
     assert broker.deliver(Broadcast("nobody-here", "msg", {})) == 0
     assert [f[4] for f in alice.take()] == [{"n": 1}]
     assert list(broker.topics["all"].history) == [{"n": 1}]

@@ -47,12 +47,13 @@ TOO_MANY = {"reason": "too many channels joined"}
 class Broadcast:
     """One message for every subscriber of a topic, encoded at most once per serializer."""
 
-    __slots__ = ("_encoded", "event", "frames", "payload", "topic")
+    __slots__ = ("_encoded", "event", "frames", "payload", "relayed", "topic")
 
     def __init__(self, topic: str, event: str, payload: Any) -> None:
         self.topic = topic
         self.event = event
         self.payload = payload
+        self.relayed = False  # a client's push relayed to the topic (it joins the history)
         self._encoded: dict[Serializer, tuple[bool, bytes] | None] = {}
         # Transports memoize their own framing of the encoded message here.
         self.frames: dict[Any, bytes] = {}
@@ -515,7 +516,9 @@ class Broker:
             if rule.history:
                 topic.history.append(payload)
                 self._status_changed(topic, "msgs")
-            self._publish(Broadcast(msg.topic, event, payload))
+            relayed = Broadcast(msg.topic, event, payload)
+            relayed.relayed = True
+            self._publish(relayed)
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         elif event in rule.count:
@@ -704,13 +707,13 @@ class Broker:
 
     # -- what other nodes of a cluster tell this one --------------------------------------
 
-    def deliver(self, broadcast: Broadcast, relayed: bool = False) -> int:
+    def deliver(self, broadcast: Broadcast) -> int:
         """A broadcast published on another node, for this node's subscribers only (a
         client's relayed push also joins the topic's history); how many it reached."""
         topic = self.topics.get(broadcast.topic)
         if topic is None:
             return 0
-        if relayed and topic.rule.history:
+        if broadcast.relayed and topic.rule.history:
             topic.history.append(broadcast.payload)
             self._status_changed(topic, "msgs")
         if not topic.subscribers:

@@ -18,6 +18,7 @@ from phxbroker.auth import origin
 from phxbroker.auth.settings import AuthConfig, TokenEntry
 from phxbroker.broker.topics import JoinPolicy, TopicRule, parse_pattern
 from phxbroker.config import tls
+from phxbroker.config.cluster import ClusterConfig, parse_cluster
 from phxbroker.config.signed_tokens import parse_jwt, parse_phoenix_token
 from phxbroker.config.table import ConfigError, Table, config_relative, read_toml
 
@@ -127,6 +128,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig | None = None  # None: one process, no Redis
 
 
 def load_config(path: str | Path) -> Config:
@@ -165,6 +167,7 @@ def parse_config(
     longpoll = _parse_longpoll(root.table("longpoll"))
     metrics = _parse_metrics(root.table("metrics"))
     limits = _parse_limits(root.table("limits"))
+    cluster = parse_cluster(root.table("cluster")) if root.has("cluster") else None
     root.done()
     if auth.tokens_file is not None:
         if tokens_document is None:
@@ -187,6 +190,7 @@ def parse_config(
         api=api,
         admin=admin,
         limits=limits,
+        cluster=cluster,
     )
 
 
