@@ -118,6 +118,22 @@ def presence_is(client: NodeClient, topic: str, users: set[str], timeout: float 
             continue
 
 
+def eventually(probe: Callable[[], Any], timeout: float = 8) -> Any:
+    """Poll `probe` until it returns something true (figures other nodes publish now and
+    then); the last value it returned, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+        except (AssertionError, StopIteration, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never true within {timeout} s: {probe}")
+        time.sleep(0.1)
+
+
 def api(node: BrokerProcess, method: str, path: str, body: Any = None) -> Any:
     response = httpx.request(
         method,
@@ -186,9 +202,17 @@ def test_three_nodes_share_pushes_api_broadcasts_presence_and_kicks(
     report = api(b, "GET", "/api/stats")["cluster"]
     assert report["state"] == "connected"
     assert sorted(row["node"] for row in report["nodes"]) == ["a", "b", "c"]
-    topics = json.loads(cli(a, "topics", "--json").stdout)
-    lobby = next(t for t in topics if t["topic"] == "room:lobby")
-    assert lobby["nodes"]["a"] == 1 and lobby["nodes"]["b"] == 1
+
+    # `topics` on node A counts the lobby's subscribers on every node (each node publishes
+    # its figures every few seconds).
+    def lobby() -> dict[str, Any]:
+        topics = json.loads(cli(a, "topics", "--json").stdout)
+        return next(t for t in topics if t["topic"] == "room:lobby")
+
+    assert eventually(lambda: lobby()["nodes"] == {"a": 1, "b": 1} and lobby())["subscribers"] == 2
+    stats = cli(b, "stats", "--once", "--interval", "0.1")
+    assert stats.returncode == 0, stats.stderr
+    assert re.search(r"cluster.*connected", stats.stdout) and "node" in stats.stdout
 
 
 def test_a_ban_set_on_one_node_refuses_connects_on_every_node(
@@ -308,3 +332,38 @@ def test_the_status_app_on_two_nodes_counts_hits_once(
                 and e["payload"]["hits"] > 5
             )
         )
+
+
+def test_malformed_messages_from_redis_are_logged_and_skipped(
+    broker_factory: BrokerFactory, node_client_factory: NodeFactory, redis: RedisServer
+) -> None:
+    a, b = (start_node(broker_factory, redis, name) for name in ("a", "b"))
+    alice = client_on(node_client_factory, a, {"token": "alice-token"}, "alice@a")
+    bob = client_on(node_client_factory, b, {"token": "bob-token"}, "bob@b")
+    for client in (alice, bob):
+        assert client.join("room:lobby")["status"] == "ok"
+        client.on("room:lobby", "new_msg")
+    for garbage in (
+        "phxbroker:ctl not-a-message",
+        'phxbroker:ctl J{"k":"p"}',
+        "phxbroker:t:room:lobby Bshort",
+        "phxbroker:t:room:lobby {}",
+    ):
+        assert redis.command("PUBLISH", garbage) is not None
+    a.wait_for_log(r"skipped a message from Redis that no phxbroker node sends")
+    bob.push("room:lobby", "new_msg", {"still": "working"})
+    assert alice.expect({"type": "channel_event", "event": "new_msg"})["payload"]["still"]
+    assert "Traceback" not in a.log_text
+
+
+def test_a_connection_that_silently_stops_delivering_is_noticed(
+    broker_factory: BrokerFactory, node_client_factory: NodeFactory, redis: RedisServer
+) -> None:
+    a = start_node(broker_factory, redis, "a")
+    mark = a.mark()
+    redis.freeze()  # the TCP connection stays open; nothing comes back
+    try:
+        a.wait_for_log(r"lost Redis .*probe did not come back", since=mark, timeout=10)
+    finally:
+        redis.thaw()
+    a.wait_for_log(CONNECTED, since=mark, timeout=10)

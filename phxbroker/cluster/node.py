@@ -80,6 +80,17 @@ class ProbeFailed(Exception):
     """The node's message to itself did not come back: the connection delivers nothing."""
 
 
+# What a lost, refused or silent Redis raises; anything else is a bug and is not hidden.
+EXPECTED = (
+    coredis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    ProbeFailed,
+)
+
+
 @dataclass
 class ClusterStats:
     """Counters for metrics, stats and the log."""
@@ -292,16 +303,17 @@ class ClusterNode:
             started = trio.current_time()
             try:
                 await self._session()
-            except (coredis.exceptions.RedisError, OSError, TimeoutError, ProbeFailed) as exc:
-                problem = _describe(exc)
-            except trio.BrokenResourceError as exc:
+            except EXPECTED as exc:
                 problem = _describe(exc)
             except BaseExceptionGroup as group:
-                rest = group.split((coredis.exceptions.RedisError, OSError, TimeoutError))[1]
-                rest = rest.split((ProbeFailed, trio.BrokenResourceError))[1] if rest else None
-                if rest is not None:
+                cancelled, rest = group.split(trio.Cancelled)
+                expected, unexpected = rest.split(EXPECTED) if rest else (None, None)
+                if unexpected is not None:
                     raise
-                problem = _describe(_first(group))
+                if cancelled is not None:
+                    raise cancelled from None  # stopping: Redis's last words do not matter
+                assert expected is not None
+                problem = _describe(_first(expected))
             else:
                 problem = "the connection ended"
             was_connected = self.connected

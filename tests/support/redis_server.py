@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -75,8 +76,18 @@ class RedisServer:
     def stop(self) -> None:
         """Kill the server (as a crash or an outage would) and wait for it to go."""
         if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)  # in case it was frozen
             self._proc.kill()
             self._proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing is answered or delivered."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()
