@@ -262,3 +262,23 @@ def test_hits_of_every_node_add_up_and_stay_counted_when_a_node_goes(
 def test_our_own_messages_change_nothing(replica: Replica) -> None:
     own = message("p", incarnation="a" * 16, s=1, t="r", key="k", j=meta("x"), l=None)
     assert not replica.receive(own) and replica.views == {}
+
+
+def test_a_node_taken_for_dead_comes_back_with_its_next_heartbeat(
+    replica: Replica, clock: Clock
+) -> None:
+    replica.receive(message("hello", s=0))
+    replica.receive(message("p", s=1, t="room:1", key="bob", j=meta("r1"), l=None))
+    clock.now += 6
+    assert replica.expire().presence == [("room:1", "bob", None, meta("r1"))]
+    back = replica.receive(message("hb", s=1))  # it was only late (a long pause)
+    assert back.request_sync == "b" * 16
+    state = replica.receive(message("state", s=1, p=[["room:1", "bob", meta("r1")]], u=[]))
+    assert state.presence == [("room:1", "bob", meta("r1"), None)]
+
+
+def test_late_messages_of_a_node_that_said_bye_are_ignored(replica: Replica) -> None:
+    replica.receive(message("hello", s=0))
+    replica.receive(message("bye"))
+    late = replica.receive(message("p", s=1, t="room:1", key="bob", j=meta("r1"), l=None))
+    assert not late and late.request_sync is None and replica.views == {}

@@ -345,10 +345,12 @@ class ClusterNode:
         conn = self._conn
         if conn is None:
             return
+        # After the leaves of the clients just closed, which are still in the outbox.
+        self._control_message("bye")
         with trio.move_on_after(1.0):
             try:
-                bye = wire.encode_control("bye", self.node, self.incarnation)
-                await conn.create_request(b"PUBLISH", self._control, bye)
+                while self._outbox.statistics().current_buffer_used:
+                    await trio.sleep(0.01)
                 await conn.create_request(b"SREM", self._nodes_key, self.node.encode())
                 await conn.create_request(b"DEL", self._stats_key(self.node))
             except Exception as exc:
@@ -559,17 +561,24 @@ class ClusterNode:
                 peer.close(1001, "credential revoked")
 
     def _apply_bans(self, bans: Any) -> None:
+        """Bans set on any node, as Redis keeps them; ended ones are removed there."""
         now = time.time()
         if not isinstance(bans, dict):
             return
+        ended = []
         for user, until in bans.items():
             try:
                 left = float(until) - now
                 name = user.decode()
             except (ValueError, UnicodeDecodeError):
+                ended.append(user)
                 continue
             if left > 0:
                 Bans.ban(self.bans, name, left)
+            else:
+                ended.append(user)
+        if ended:
+            self._request_soon(b"HDEL", self._bans_key, *ended)
 
     def _on_subscribed(self, channel: bytes) -> None:
         confirming = self._confirming

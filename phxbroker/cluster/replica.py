@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Meta = dict[str, Any]
+DEPARTED = 1000
 PresenceChange = tuple[str, str, Meta | None, Meta | None]  # topic, key, joined, left
 
 
@@ -66,6 +67,11 @@ class Replica:
         self.resync = resync  # seconds before asking the same node for its state again
         self.views: dict[str, NodeView] = {}  # by incarnation
         self.hits: dict[str, dict[str, int]] = {}  # topic -> incarnation -> count
+        # Incarnations that left: "gone" (said bye, or a newer one of the same node said
+        # hello), whose late messages are ignored, or "silent" (taken for dead), which
+        # come back with their next message and are asked for their state. The most
+        # recent DEPARTED are remembered.
+        self.departed: dict[str, str] = {}
 
     def receive(self, msg: dict[str, Any]) -> Changes:
         """Apply one decoded control message (see wire.KINDS) from another node."""
@@ -74,8 +80,13 @@ class Replica:
         if incarnation == self.incarnation:
             return changes
         kind = msg["k"]
+        departed = self.departed.get(incarnation)
+        if departed == "gone" and kind != "hits":
+            return changes
+        if departed == "silent":
+            del self.departed[incarnation]  # only late: it is back, and will be asked
         if kind == "bye":
-            self._drop(incarnation, changes)
+            self._drop(incarnation, changes, "gone")
             return changes
         view = self._view(msg, changes)
         if kind == "hello":
@@ -108,7 +119,7 @@ class Replica:
         limit = self.clock() - self.down_after
         for incarnation, view in list(self.views.items()):
             if view.heard < limit:
-                self._drop(incarnation, changes)
+                self._drop(incarnation, changes, "silent")
         return changes
 
     def heard_everyone_now(self) -> None:
@@ -122,7 +133,7 @@ class Replica:
         """Every other node's entries leave (this node stops)."""
         changes = Changes()
         for incarnation in list(self.views):
-            self._drop(incarnation, changes)
+            self._drop(incarnation, changes, "gone")
         return changes
 
     # -- inspection ----------------------------------------------------------------------
@@ -150,7 +161,7 @@ class Replica:
         if view is None:
             # A new incarnation of a node we knew: the old one is gone for good.
             for old in [i for i, v in self.views.items() if v.node == msg["n"]]:
-                self._drop(old, changes)
+                self._drop(old, changes, "gone")
             view = self.views[incarnation] = NodeView(msg["n"], incarnation, now)
         view.heard = now
         return view
@@ -205,7 +216,10 @@ class Replica:
             counts[incarnation] = count
             changes.hits[topic] = sum(counts.values())
 
-    def _drop(self, incarnation: str, changes: Changes) -> None:
+    def _drop(self, incarnation: str, changes: Changes, why: str) -> None:
+        self.departed[incarnation] = why
+        if len(self.departed) > DEPARTED:
+            del self.departed[next(iter(self.departed))]
         view = self.views.pop(incarnation, None)
         if view is None:
             return
