@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from support.broker import BrokerProcess
+from support.certs import TestCA
 from support.node_client import NodeClient
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, free_port
 
 BrokerFactory = Callable[..., BrokerProcess]
 NodeFactory = Callable[..., NodeClient]
@@ -367,3 +368,50 @@ def test_a_connection_that_silently_stops_delivering_is_noticed(
     finally:
         redis.thaw()
     a.wait_for_log(CONNECTED, since=mark, timeout=10)
+
+
+def test_rediss_with_a_password_from_the_environment_verifies_the_certificate(
+    broker_factory: BrokerFactory, node_client_factory: NodeFactory, tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path)
+    cert = ca.issue("redis", hosts=("localhost", "127.0.0.1"))
+    tls_port = free_port()
+    workdir = tmp_path / "redis-tls"
+    workdir.mkdir()
+    server = RedisServer(
+        workdir,
+        extra_args=(
+            "--requirepass",
+            "s3cret",
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(cert.cert_file),
+            "--tls-key-file",
+            str(cert.key_file),
+            "--tls-ca-cert-file",
+            str(ca.ca_file),
+            "--tls-auth-clients",
+            "no",
+        ),
+    ).start()
+    try:
+        url = f"rediss://:s3cret@localhost:{tls_port}/0"
+        config = {
+            **CONFIG,
+            "cluster": {"redis_url_env": "TEST_REDIS_URL", "node": "a", "tls_ca": str(ca.ca_file)},
+        }
+        a = broker_factory(config, env={"TEST_REDIS_URL": url})
+        a.wait_for_log(CONNECTED)
+        assert "s3cret" not in a.log_text
+        # A node that trusts another CA refuses the server and serves its clients alone.
+        (tmp_path / "other").mkdir()
+        other = TestCA(tmp_path / "other")
+        config["cluster"] = {**config["cluster"], "node": "b", "tls_ca": str(other.ca_file)}
+        b = broker_factory(config, env={"TEST_REDIS_URL": url})
+        b.wait_for_log(r"cannot reach Redis .*(?i:certificate)")
+        alice = client_on(node_client_factory, b, {"token": "alice-token"}, "alice@b")
+        assert alice.join("room:lobby")["status"] == "ok"
+        assert "s3cret" not in b.log_text
+    finally:
+        server.stop()

@@ -318,6 +318,9 @@ class ClusterNode:
                 problem = "the connection ended"
             was_connected = self.connected
             self._lost()
+            if self._stopping:
+                log.info("cluster: left Redis (%s)", problem)
+                return
             if was_connected:
                 failures = 0
                 backoff = BACKOFF_FIRST

@@ -21,13 +21,16 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server --port N --save "" --appendonly no`, restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise AssertionError(f"redis-server is not installed: {INSTALL_HINT}")
         self.executable = executable
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra_args = extra_args  # e.g. TLS or a password
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +52,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -58,7 +62,8 @@ class RedisServer:
         while True:
             if self._proc.poll() is not None:
                 raise AssertionError(f"redis-server on port {self.port} exited at start")
-            if self.command("PING") == b"+PONG\r\n":
+            reply = self.command("PING") or b""
+            if reply == b"+PONG\r\n" or reply.startswith(b"-NOAUTH"):
                 return self
             if time.monotonic() > deadline:
                 raise AssertionError(f"redis-server on port {self.port} did not answer PING")
