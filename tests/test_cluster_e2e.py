@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tomli_w
 from support.broker import BrokerProcess
 from support.certs import TestCA
 from support.node_client import NodeClient
@@ -234,6 +235,38 @@ def test_a_ban_set_on_one_node_refuses_connects_on_every_node(
     third = node_client_factory("bob@late")
     third.connect(late.socket_url(), {"token": "bob-token"}, reconnectAfterMs=[60_000])
     third.expect({"type": "error"})
+
+    # The back end's /api/disconnect on node A closes carol's socket on node B.
+    carol = client_on(
+        node_client_factory, b, {"token": "carol-token"}, "carol@b", reconnectAfterMs=[60_000]
+    )
+    assert api(a, "POST", "/api/disconnect", {"user": "carol"}) == {"ok": True, "connections": 0}
+    assert carol.expect({"type": "close"})["code"] == 1001
+
+    # A token revoked by a reload of node A closes the sockets it admitted on node B.
+    alice = client_on(
+        node_client_factory, b, {"token": "alice-token"}, "alice@b", reconnectAfterMs=[60_000]
+    )
+    assert alice.join("room:x")["status"] == "ok"
+    still = {
+        **CONFIG,
+        "auth": {
+            **CONFIG["auth"],
+            "tokens": [t for t in CONFIG["auth"]["tokens"] if t["user"] != "alice"],
+        },
+    }
+    text = a.config_path.read_text()
+    a.config_path.write_text(
+        text[: text.index("[auth]")]
+        + tomli_w.dumps({"auth": still["auth"]})
+        + text[text.index("[api]") - 1 :]
+        if "[api]" in text
+        else text
+    )
+    result = cli(a, "reload")
+    assert result.returncode == 0, result.stderr
+    assert alice.expect({"type": "close"})["code"] == 1001
+    b.wait_for_log(r"credential was revoked on another node")
 
 
 def test_a_killed_node_s_presences_leave_the_others_within_down_after(

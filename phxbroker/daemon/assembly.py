@@ -354,6 +354,7 @@ class Daemon:
         if (new.server.tls_context is None) != (self.config.server.tls_context is None):
             scheme = "https" if new.server.tls_context is not None else "http"
             log.warning("reload: the listen port now speaks %s to new connections", scheme)
+        dropped = _dropped_credentials(self.config, new)
         self.config = new
         self.admission.configure(authenticator, new.server, new.limits)
         self.hub.configure(new.server, new.limits)
@@ -363,7 +364,7 @@ class Daemon:
         self.api.configure(new.api)
         logs.reconfigure(new.log, secret_params=[new.auth.token_param])
         try:
-            closed = await self.broker_task.ask(self._apply_in_broker, new, authenticator)
+            closed = await self.broker_task.ask(self._apply_in_broker, new, authenticator, dropped)
         except Exception:
             log.exception("internal error while applying the config from %s", path)
             self.reload_error = "internal error, see the daemon's log"
@@ -389,9 +390,12 @@ class Daemon:
         log.error("reload refused, keeping the running config: %s", reason)
         return False
 
-    def _apply_in_broker(self, config: Config, authenticator: Authenticator) -> int:
+    def _apply_in_broker(
+        self, config: Config, authenticator: Authenticator, dropped: frozenset[bytes] = frozenset()
+    ) -> int:
         """Runs in the broker task: the new rules, and sockets whose credential is no longer
-        accepted closed. Returns how many were closed."""
+        accepted closed (in a cluster, on every node: `dropped` are the credentials the
+        new config no longer has). Returns how many were closed here."""
         self.broker.configure(config.topics, config.server.max_channels)
         closed = 0
         revoked = []
@@ -403,9 +407,21 @@ class Daemon:
                 peer.close(close_codes.GOING_AWAY, "credential revoked")
                 closed += 1
                 revoked.append(credential)
-        if self.cluster is not None and revoked:
-            self.cluster.credentials_revoked(revoked)
+        if self.cluster is not None and (revoked or dropped):
+            self.cluster.credentials_revoked([*revoked, *dropped])
         return closed
+
+
+def _dropped_credentials(old: Config, new: Config) -> frozenset[bytes]:
+    """Static token digests and signing key fingerprints the old config accepted and the
+    new one does not."""
+
+    def credentials(config: Config) -> set[bytes]:
+        found = {entry.sha256 for entry in config.auth.tokens}
+        found.update(s.fingerprint for s in (config.auth.jwt, config.auth.phoenix_token) if s)
+        return found
+
+    return frozenset(credentials(old) - credentials(new))
 
 
 def _shared_bans() -> Bans:
