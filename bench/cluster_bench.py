@@ -194,6 +194,7 @@ def run_cluster_one(
     server_process: Any,
     pinned: Any,
     loadgen: Path,
+    env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[str], list[str], str]:
     """One run: Redis, the nodes, the generator; returns (result, generator command,
     problems, the measured node's log path)."""
@@ -212,7 +213,7 @@ def run_cluster_one(
             cmd = [sys.executable, "-m", "phxbroker", "serve", "--config", str(config)]
             log_path = out_dir / f"{stem}.node-{name}.log"
             nodes.append(
-                server_process(pinned(0 if measured else 1, cmd), log_path, None, cwd=workdir)
+                server_process(pinned(0 if measured else 1, cmd), log_path, env, cwd=workdir)
             )
             _wait_connected(log_path)
         publisher, measured = nodes[0], nodes[-1]

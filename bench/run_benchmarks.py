@@ -506,7 +506,8 @@ def cluster_scenarios_wanted(opts) -> list:
     return []
 
 
-def run_cluster(sc, run: int, config_path: Path, out_dir: Path, tmp: Path) -> RunResult:
+def run_cluster(sc, run: int, opts, config_path: Path, out_dir: Path, tmp: Path) -> RunResult:
+    env = {**os.environ, "PYTHONPATH": str(opts.core_path)} if opts.core_path else None
     result, cmd, problems, log_path = cluster_bench.run_cluster_one(
         sc,
         run,
@@ -516,6 +517,7 @@ def run_cluster(sc, run: int, config_path: Path, out_dir: Path, tmp: Path) -> Ru
         ServerProcess,
         pinned,
         LOADGEN,
+        env,
     )
     return RunResult(sc.name, run, result, cmd, log_path, problems)
 
@@ -1020,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)
             try:
                 if isinstance(sc, cluster_bench.ClusterScenario):
-                    r = run_cluster(sc, run, config_path, out_dir, Path(tmp))
+                    r = run_cluster(sc, run, opts, config_path, out_dir, Path(tmp))
                     runs.append(r)
                     for problem in r.problems:
                         print(f"  problem: {problem}", file=sys.stderr)
