@@ -297,6 +297,13 @@ def test_a_killed_node_s_presences_leave_the_others_within_down_after(
     state = presence_is(alice, "room:lobby", {"alice", "bob"})["state"]
     assert len(state["bob"]["metas"]) == 1
 
+    # A node that stops gracefully says so: its entries leave at once, not after a silence.
+    mark = a.mark()
+    assert b2.stop() == 0
+    presence_is(alice, "room:lobby", {"alice"})
+    a.wait_for_log(r"the entries of node b left", since=mark)
+    assert not re.search(r"node b silent", "\n".join(a.lines[mark:]))
+
 
 def test_redis_stopped_and_started_while_clients_stay_joined(
     broker_factory: BrokerFactory, node_client_factory: NodeFactory, redis: RedisServer
