@@ -283,7 +283,8 @@ class LoadGenerator:
         c.started = clock()
         self.conns[c.fd] = c
         self.pending.add(c)
-        err = s.connect_ex((self.o.host, self.o.port))
+        port = self.o.publisher_port if c.kind == PUB and self.o.publisher_port else self.o.port
+        err = s.connect_ex((self.o.host, port))
         if err not in (0, errno.EINPROGRESS):
             self.fail(c, f"connect: {os.strerror(err)}")
             return
@@ -1205,7 +1206,7 @@ class _HttpConn:
     def __init__(self, owner: HttpPublisher) -> None:
         self.owner = owner
         gen = owner.gen
-        self.sock = socket.create_connection((gen.o.host, gen.o.port))
+        self.sock = socket.create_connection((gen.o.host, gen.o.publisher_port or gen.o.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
         self.h11 = h11.Connection(h11.CLIENT)
@@ -1443,6 +1444,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, help="pid to read CPU and RSS from (/proc)")
     p.add_argument(
         "--mode", choices=["idle", "rate", "saturate", "presence", "reconnect"], default="saturate"
+    )
+    p.add_argument(
+        "--publisher-port",
+        type=int,
+        default=None,
+        help="port of the server the publisher talks to (default --port): another node of "
+        "a cluster, to time broadcasts across nodes",
     )
     p.add_argument("-n", "--connections", type=int, default=100, help="subscribers to join")
     p.add_argument(

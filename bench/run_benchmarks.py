@@ -39,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import process_cpu_seconds
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import cluster_bench  # noqa: E402 - beside this file
+
 REPO_DIR = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
 BLASTER = BENCH_DIR / "blaster.py"
@@ -764,6 +768,34 @@ def run_profile(
     return RunResult(scenario.name, run, result, cmd, "", problems)
 
 
+# -- cluster scenarios (bench/cluster_bench.py) ---------------------------------------------
+
+
+def cluster_scenarios_wanted(opts) -> list:
+    """The cluster scenarios, with --cluster or when --only names one of them."""
+    cluster = cluster_bench.cluster_scenarios(opts.quick)
+    named = set(opts.only.split(",")) if opts.only else set()
+    if opts.cluster or named & {s.name for s in cluster}:
+        return cluster
+    return []
+
+
+def run_cluster(sc, run: int, opts, config_path: Path, out_dir: Path, tmp: Path) -> RunResult:
+    env = {**os.environ, "PYTHONPATH": str(opts.core_path)} if opts.core_path else None
+    result, cmd, problems, log_path = cluster_bench.run_cluster_one(
+        sc,
+        run,
+        config_path.read_text(),
+        out_dir,
+        tmp,
+        ServerProcess,
+        pinned,
+        LOADGEN,
+        env,
+    )
+    return RunResult(sc.name, run, result, cmd, log_path, problems)
+
+
 def busy_box(r: RunResult, opts) -> str:
     """Why other work may have spoiled this run's timing figures ("" if nothing did)."""
     others = r.result.get("others_cpu")
@@ -980,6 +1012,7 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
     lines += hostile_report(scenarios, by_name)
     lines += reconnect_report(scenarios, by_name)
     lines += profile_report(scenarios, by_name)
+    lines += cluster_bench.cluster_report(by_name, median, _fmt)
     lines += ablation_report(runs, by_name, opts)
     lines += ["", "## Scenarios and exact commands", "", f"    {invocation}", ""]
     for sc in scenarios:
@@ -1349,6 +1382,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print every run's JSON line")
     p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also run the cluster scenarios (a redis-server and one or two nodes per run): "
+        + ", ".join(s.name for s in cluster_bench.cluster_scenarios(False)),
+    )
+    p.add_argument(
         "--ablations",
         default=None,
         help="optimisations to measure by taking each out: 'all', 'none' or names "
@@ -1375,6 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.retries is None:
         opts.retries = 0 if opts.quick else 2
     scenarios = quick_scenarios() if opts.quick else full_scenarios()
+    scenarios += cluster_scenarios_wanted(opts)
     available = {s.name: s for s in scenarios}
     if opts.only:
         wanted = set(opts.only.split(","))
@@ -1442,6 +1482,14 @@ def main(argv: list[str] | None = None) -> int:
             what = sc.name + (f" without {ablation.name}" if ablation else "")
             print(f"{what} run {run}/{opts.runs} ...", file=sys.stderr, flush=True)
             try:
+                if isinstance(sc, cluster_bench.ClusterScenario):
+                    r = run_cluster(sc, run, opts, config_path, out_dir, Path(tmp))
+                    runs.append(r)
+                    for problem in r.problems:
+                        print(f"  problem: {problem}", file=sys.stderr)
+                    if opts.json:
+                        print(json.dumps({"scenario": sc.name, "run": run, **r.result}), flush=True)
+                    continue
                 r = run_one(sc, run, opts, config_path, out_dir, ablation)
                 # The idle hold has no timing figure for other work to spoil.
                 retries = 0 if sc.name == "idle" else opts.retries

@@ -1,11 +1,13 @@
 #!/bin/sh
 # Installs the Debian packages the test suite needs: a real Prometheus server for the
-# scrape test, and Chromium for the browser tests (driven by playwright-core, which is
+# scrape test, a real Redis server for the cluster tests (each test starts its own on a
+# free port), and Chromium for the browser tests (driven by playwright-core, which is
 # told to use /usr/bin/chromium instead of downloading a browser of its own), with pgrep
 # to check that no Chromium process outlives a test. Does nothing when they are present.
 set -eu
 missing=""
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v pgrep >/dev/null 2>&1 || missing="$missing procps"
 [ -z "$missing" ] && exit 0

@@ -492,6 +492,15 @@ class RecordingFanout:
             ("presence", topic, key, joined and joined["phx_ref"], left and left["phx_ref"])
         )
 
+    def interest(self, peer: Any, topic: str) -> bool:
+        return True
+
+    def users_changed(self, topic: str, user: str, present: bool) -> None:
+        self.seen.append(("users", topic, user, present))
+
+    def counted(self, topic: str, hits: int) -> None:
+        self.seen.append(("counted", topic, hits))
+
 
 def test_every_broadcast_disconnect_kick_and_presence_change_reaches_the_fanout(
     broker: Broker,
@@ -516,3 +525,114 @@ def test_every_broadcast_disconnect_kick_and_presence_change_reaches_the_fanout(
         ("presence", "room:a", "alice", None, joined),
         ("disconnect", "alice", 1001, "bye"),
     ]
+
+
+def test_hold_keeps_a_message_and_its_followers_until_resume(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    msg = Message("1", "1", "public", "phx_join", {})
+    broker.hold(alice, msg)
+    push(broker, alice, "public", "anything", "2")
+    assert alice.take() == [] and broker.waiting(alice, "public")
+    broker.resume(alice, "public")
+    replies = alice.take()
+    assert [(f[1], f[4]["status"]) for f in replies] == [("1", "ok"), ("2", "error")]
+
+
+class WaitingFanout(RecordingFanout):
+    """A fanout whose interest in a topic is not in place until the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: set[str] = {"public"}
+        self.waiting: list[tuple[Any, str]] = []
+
+    def interest(self, peer: Any, topic: str) -> bool:
+        if topic in self.ready:
+            return True
+        self.waiting.append((peer, topic))
+        return False
+
+
+def test_a_join_of_a_topic_new_to_the_node_waits_for_the_fanouts_interest(
+    broker: Broker,
+) -> None:
+    fanout = broker.fanout = WaitingFanout()
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "room:new", "1")
+    push(broker, alice, "room:new", "ping", "2")
+    join(broker, alice, "users:bob", "3")  # refused at once: it never needs interest
+    assert [(f[1], f[4]["status"]) for f in alice.take()] == [("3", "error")]
+    assert fanout.waiting == [(alice, "room:new")]
+    join(broker, bob, "public", "4")  # others go on meanwhile
+    assert bob.take()[0][4]["status"] == "ok"
+    fanout.ready.add("room:new")
+    broker.resume(alice, "room:new")
+    replies = [f for f in alice.take() if f[3] == "phx_reply"]
+    assert [(f[1], f[4]["status"]) for f in replies] == [("1", "ok"), ("2", "ok")]
+    assert replies[1][4]["response"] == {"n": "2"}
+
+
+def test_other_nodes_presence_merges_and_converges_like_phoenix_js(
+    broker: Broker, clock: Clock
+) -> None:
+    """Metas another node owns join the local view: joiners get them in presence_state and
+    subscribers in the coalesced diffs, merged exactly as phoenix.js does."""
+    early, late = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, early, "room:m", payload={"status": "here"})
+    clock.now += 1
+    broker.tick()
+    remote = {"online_at": "1", "status": "far", "phx_ref": "remote-ref-1"}
+    also_alice = {"online_at": "1", "status": "there", "phx_ref": "remote-ref-2"}
+    broker.merge_presence([("room:m", "carol", remote, None)])
+    broker.merge_presence([("room:m", "alice", also_alice, None)])
+    join(broker, late, "room:m", payload={"status": "here"})  # state now, pending diff next
+    broker.merge_presence([("room:m", "alice", None, also_alice)])
+    broker.merge_presence([("room:elsewhere-no-rule", "x", remote, None)])  # no rule: ignored
+    clock.now += 1
+    broker.tick()
+    truth = strip({k: v["metas"] for k, v in broker.topics["room:m"].presence.state().items()})
+    assert sorted(truth) == ["alice", "bob", "carol"]
+    assert strip(apply_frames(early.take())) == truth
+    assert strip(apply_frames(late.take())) == truth
+    broker.merge_presence([("room:m", "carol", None, remote)])
+    clock.now += 1
+    broker.tick()
+    diff = [f[4] for f in early.take() if f[3] == "presence_diff"]
+    assert list(diff[-1]["leaves"]) == ["carol"]
+
+
+def test_the_status_map_counts_hits_and_lists_users_of_every_node(
+    broker: Broker, clock: Clock
+) -> None:
+    fanout = broker.fanout = RecordingFanout()
+    alice = connect(broker, "alice")
+    join(broker, alice, "all")
+    broker.handle(alice, Message("1", "2", "all", "hit", {}))
+    assert ("users", "all", "alice", True) in fanout.seen
+    assert fanout.seen[-1] == ("counted", "all", 1)
+    broker.merge_hits("all", 5)
+    broker.merge_users("all", "zoe", +1)
+    broker.merge_users("all", "alice", +1)  # on both nodes: listed once
+    clock.now += 1
+    broker.tick()
+    status = [f[4] for f in alice.take() if f[3] == "status_users"][-1]
+    assert status["hits"] == 6
+    assert status["users"] == ["alice", "zoe"] and status["user_count"] == 2
+    broker.merge_users("all", "zoe", -1)
+    clock.now += 1
+    broker.tick()
+    assert [f[4] for f in alice.take() if f[3] == "status_users"][-1]["users"] == ["alice"]
+
+
+def test_a_broadcast_from_another_node_reaches_local_subscribers_only(broker: Broker) -> None:
+    fanout = broker.fanout = RecordingFanout()
+    alice = connect(broker, "alice")
+    join(broker, alice, "all")
+    alice.take()
+    relayed = Broadcast("all", "msg", {"n": 1})
+    relayed.relayed = True
+    assert broker.deliver(relayed) == 1
+    assert broker.deliver(Broadcast("nobody-here", "msg", {})) == 0
+    assert [f[4] for f in alice.take()] == [{"n": 1}]
+    assert list(broker.topics["all"].history) == [{"n": 1}]
+    assert [s for s in fanout.seen if s[0] == "broadcast"] == []

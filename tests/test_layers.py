@@ -15,7 +15,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "phxbroker"
 
 # Lowest first. A module may import its own layer and the layers below it, never above.
-LAYERS = ("protocol", "broker", "auth", "config", "hooks", "transport", "ops", "daemon", "cli")
+LAYERS = (
+    "protocol",
+    "broker",
+    "auth",
+    "config",
+    "hooks",
+    "cluster",
+    "transport",
+    "ops",
+    "daemon",
+    "cli",
+)
 # Modules outside the layer folders, and where they stand.
 TOP_LEVEL = {"phxbroker": "protocol", "phxbroker.__main__": "cli"}
 SANS_IO = ("protocol", "broker")

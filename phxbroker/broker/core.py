@@ -54,12 +54,13 @@ MAX_HELD = 100
 class Broadcast:
     """One message for every subscriber of a topic, encoded at most once per serializer."""
 
-    __slots__ = ("_encoded", "event", "frames", "payload", "topic")
+    __slots__ = ("_encoded", "event", "frames", "payload", "relayed", "topic")
 
     def __init__(self, topic: str, event: str, payload: Any) -> None:
         self.topic = topic
         self.event = event
         self.payload = payload
+        self.relayed = False  # a client's push relayed to the topic (it joins the history)
         self._encoded: dict[Serializer, tuple[bool, bytes] | None] = {}
         # Transports memoize their own framing of the encoded message here.
         self.frames: dict[Any, bytes] = {}
@@ -122,6 +123,17 @@ class Fanout(Protocol):
     ) -> None:
         """A presence meta was tracked (`joined`), untracked (`left`) or replaced (both)."""
 
+    def interest(self, peer: Peer, topic: str) -> bool:
+        """Whether broadcasts published elsewhere for `topic` reach this process already.
+        If not, the broker holds `peer`'s join (`hold`) and the fanout calls `resume`
+        once they do, so a client's join reply never comes before that."""
+
+    def users_changed(self, topic: str, user: str, present: bool) -> None:
+        """A user's first socket joined a topic that lists its users, or its last one left."""
+
+    def counted(self, topic: str, hits: int) -> None:
+        """A topic's `count` events counted here reached `hits`."""
+
 
 class LocalOnly:
     """The fanout of a broker that is the only one: nothing leaves the process."""
@@ -142,6 +154,15 @@ class LocalOnly:
         joined: dict[str, Any] | None,
         left: dict[str, Any] | None,
     ) -> None:
+        pass
+
+    def interest(self, peer: Peer, topic: str) -> bool:
+        return True
+
+    def users_changed(self, topic: str, user: str, present: bool) -> None:
+        pass
+
+    def counted(self, topic: str, hits: int) -> None:
         pass
 
 
@@ -190,9 +211,11 @@ class Topic:
         "due",
         "history",
         "hits",
+        "hits_elsewhere",
         "last_flush",
         "name",
         "presence",
+        "remote_users",
         "rule",
         "status_dirty",
         "status_json",
@@ -207,7 +230,9 @@ class Topic:
         self.subscribers: dict[Peer, Channel] = {}
         self.presence: Presence | None = Presence() if rule.presence else None
         self.user_sockets: dict[str, int] = {}  # user -> subscribed sockets, in join order
-        self.hits = 0
+        self.hits = 0  # counted here
+        self.hits_elsewhere = 0  # counted by other nodes of a cluster
+        self.remote_users: dict[str, int] = {}  # user -> other nodes where it is subscribed
         self.history: deque[Any] = deque(maxlen=rule.history or None)
         self.status_dirty = False
         self.status_json: bytes | None = None  # the status map as last broadcast
@@ -220,6 +245,8 @@ class Topic:
         return (
             not self.subscribers
             and not self.hits
+            and not self.hits_elsewhere
+            and not self.remote_users
             and not self.history
             and not self.due
             and not (self.presence is not None and (self.presence or self.presence.dirty))
@@ -227,10 +254,11 @@ class Topic:
 
     def status(self) -> dict[str, Any]:
         users = list(self.user_sockets)
+        users.extend(u for u in self.remote_users if u not in self.user_sockets)
         values = {
             "users": users,
             "user_count": len(users),
-            "hits": self.hits,
+            "hits": self.hits + self.hits_elsewhere,
             "msgs": list(self.history),
         }
         return {name: values[name] for name in self.rule.status_fields}
@@ -357,6 +385,11 @@ class Broker:
         """Hold `peer`'s next messages for `topic` until `resume`: its channel (or its join)
         waits for an answer from outside while the broker goes on with everyone else."""
         self._held.setdefault(peer, {}).setdefault(topic, deque())
+
+    def hold(self, peer: Peer, msg: Message) -> None:
+        """Hold `msg` itself, and `peer`'s later messages for its topic, until `resume`
+        (which handles `msg` first)."""
+        self._held.setdefault(peer, {}).setdefault(msg.topic, deque()).appendleft(msg)
 
     def waiting(self, peer: Peer, topic: str) -> bool:
         """Whether `peer`'s channel for `topic` waits for an answer."""
@@ -496,17 +529,26 @@ class Broker:
     ) -> int:
         """Close every connection of a user, as Phoenix's "disconnect" broadcast does, here
         and on every other node; returns how many were closed here."""
+        closed = self.disconnect_user_here(user, code, reason)
+        self.fanout.disconnect_user(user, code, reason)
+        return closed
+
+    def disconnect_user_here(self, user: str, code: int, reason: str) -> int:
+        """Close a user's connections on this node only; how many."""
         peers = list(self.users.get(user, ()))
         for peer in peers:
             self.disconnect(peer)
             peer.close(code, reason)
-        self.fanout.disconnect_user(user, code, reason)
         return len(peers)
 
     def kick(self, user: str, topic: str) -> int:
         """Remove a user from one topic, here and on every other node; each of its channels
         gets phx_close. Returns how many channels were closed here."""
         self.fanout.kick(user, topic)
+        return self.kick_here(user, topic)
+
+    def kick_here(self, user: str, topic: str) -> int:
+        """Remove a user from one topic on this node only; how many channels were closed."""
         t = self.topics.get(topic)
         if t is None:
             return 0
@@ -572,6 +614,9 @@ class Broker:
                 started,
             )
             return
+        if old is None and not self.fanout.interest(peer, name):
+            self.hold(peer, msg)  # until broadcasts from other nodes reach this one
+            return
         if rule.join.kind == "hook" and self.outside is not None:
             # The app's back end decides (join/3); this topic's later messages wait.
             self.defer(peer, name)
@@ -625,6 +670,8 @@ class Broker:
             topic.user_sockets[peer.user] = topic.user_sockets.get(peer.user, 0) + 1
             if first:
                 status_follows = self._status_changed(topic, "users")
+                if rule.status_event:
+                    self.fanout.users_changed(name, peer.user, True)
         if topic.presence is not None:
             self._track(peer, channel, msg.payload, presence_meta)
             self._push_raw(peer, channel, "presence_state", topic.presence.snapshot_json())
@@ -677,12 +724,15 @@ class Broker:
             if rule.history:
                 topic.history.append(payload)
                 self._status_changed(topic, "msgs")
-            self._publish(Broadcast(msg.topic, event, payload))
+            relayed = Broadcast(msg.topic, event, payload)
+            relayed.relayed = True
+            self._publish(relayed)
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         elif event in rule.count:
             topic.hits += 1
             self._status_changed(topic, "hits")
+            self.fanout.counted(topic.name, topic.hits)
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
         elif event in rule.presence_update:
@@ -737,6 +787,8 @@ class Broker:
             else:
                 del topic.user_sockets[user]
                 self._status_changed(topic, "users")
+                if topic.rule.status_event:
+                    self.fanout.users_changed(topic.name, user, False)
         self._forget_if_idle(topic)
 
     def _end_channel(self, peer: Peer, channel: Channel, event: str) -> None:
@@ -885,6 +937,71 @@ class Broker:
             return
         peer.send(encoded)
 
+    # -- what other nodes of a cluster tell this one --------------------------------------
+
+    def deliver(self, broadcast: Broadcast) -> int:
+        """A broadcast published on another node, for this node's subscribers only (a
+        client's relayed push also joins the topic's history); how many it reached."""
+        topic = self.topics.get(broadcast.topic)
+        if topic is None:
+            return 0
+        if broadcast.relayed and topic.rule.history:
+            topic.history.append(broadcast.payload)
+            self._status_changed(topic, "msgs")
+        if not topic.subscribers:
+            return 0
+        return self._broadcast(topic, broadcast)
+
+    def merge_presence(
+        self,
+        changes: Sequence[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]],
+    ) -> None:
+        """Presence metas other nodes own, as (topic, key, joined, left): they join this
+        node's view of each topic, so joiners here get them in presence_state and
+        subscribers here get their joins and leaves in the coalesced presence_diff."""
+        for name, key, joined, left in changes:
+            topic = self._topic_for_others(name)
+            if topic is None or topic.presence is None:
+                continue
+            if left is not None:
+                topic.presence.untrack(key, left["phx_ref"])
+            if joined is not None:
+                topic.presence.insert(key, joined)
+            self._schedule_flush(topic)
+
+    def merge_users(self, name: str, user: str, delta: int) -> None:
+        """One more (+1) or one fewer (-1) other node where `user` is on topic `name`."""
+        topic = self._topic_for_others(name)
+        if topic is None:
+            return
+        listed = user in topic.user_sockets or user in topic.remote_users
+        count = topic.remote_users.get(user, 0) + delta
+        if count > 0:
+            topic.remote_users[user] = count
+        else:
+            topic.remote_users.pop(user, None)
+        if listed != (user in topic.user_sockets or user in topic.remote_users):
+            self._status_changed(topic, "users")
+        self._forget_if_idle(topic)
+
+    def merge_hits(self, name: str, hits_elsewhere: int) -> None:
+        """The hits other nodes counted on topic `name`, all together."""
+        topic = self._topic_for_others(name)
+        if topic is None or topic.hits_elsewhere == hits_elsewhere:
+            return
+        topic.hits_elsewhere = hits_elsewhere
+        self._status_changed(topic, "hits")
+        self._forget_if_idle(topic)
+
+    def _topic_for_others(self, name: str) -> Topic | None:
+        topic = self.topics.get(name)
+        if topic is None:
+            found = find_rule(self.rules, name)
+            if found is None:
+                return None
+            topic = self.topics[name] = Topic(name, *found)
+        return topic
+
     # -- inspection ----------------------------------------------------------------------
 
     def topic_summary(self) -> list[dict[str, Any]]:
@@ -894,7 +1011,7 @@ class Broker:
                 "subscribers": len(t.subscribers),
                 "users": _user_count(t),
                 "presences": len(t.presence) if t.presence is not None else None,
-                "hits": t.hits,
+                "hits": t.hits + t.hits_elsewhere,
             }
             for t in self.topics.values()
         ]

@@ -16,16 +16,18 @@ from typing import Any
 
 from phxbroker.protocol.messages import dumps
 
-_REF_PREFIX = os.urandom(4)
+# Refs are unique across the nodes of a cluster too: 48 random bits per process.
+_REF_PREFIX = os.urandom(6)
 _ref_counter = itertools.count(1)
 
 
 def new_phx_ref() -> str:
     """A unique opaque ref: 16 url-safe base64 characters, like Phoenix's.
 
-    A random per-process prefix keeps refs unique across restarts; a counter within one.
+    A random per-process prefix keeps refs unique across restarts and nodes; a counter
+    within one.
     """
-    raw = _REF_PREFIX + next(_ref_counter).to_bytes(8, "big")
+    raw = _REF_PREFIX + next(_ref_counter).to_bytes(6, "big")
     return base64.urlsafe_b64encode(raw).decode()
 
 
@@ -46,6 +48,15 @@ class Presence:
         self.metas.setdefault(key, {})[meta["phx_ref"]] = meta
         self.joins.setdefault(key, []).append(meta)
         return meta
+
+    def insert(self, key: str, meta: dict[str, Any]) -> None:
+        """Add a meta that already has its phx_ref (one another node tracked)."""
+        ref = meta["phx_ref"]
+        metas = self.metas.setdefault(key, {})
+        if ref in metas:
+            return
+        metas[ref] = meta
+        self.joins.setdefault(key, []).append(meta)
 
     def untrack(self, key: str, phx_ref: str) -> dict[str, Any] | None:
         """Remove a meta; returns it (None if it was not tracked)."""

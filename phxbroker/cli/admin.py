@@ -136,10 +136,16 @@ def topics(config_path: Path, as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
+    clustered = any("nodes" in t for t in result)
     table = Table("topic", "subscribers", "users", "presences", "hits", box=None)
+    if clustered:
+        table.add_column("subscribers per node")
     for t in result:
         presences = "" if t["presences"] is None else str(t["presences"])
-        table.add_row(t["topic"], str(t["subscribers"]), str(t["users"]), presences, str(t["hits"]))
+        row = [t["topic"], str(t["subscribers"]), str(t["users"]), presences, str(t["hits"])]
+        if clustered:
+            row.append(_per_node(t.get("nodes", {})))
+        table.add_row(*row)
     Console().print(table if result else "no topics")
 
 
@@ -154,9 +160,15 @@ def users(config_path: Path, as_json: bool) -> None:
         return
     console = Console()
     if result["users"]:
+        clustered = any("nodes" in u for u in result["users"])
         table = Table("user", "connections", "topics", box=None)
+        if clustered:
+            table.add_column("connections per node")
         for u in result["users"]:
-            table.add_row(u["user"], str(u["connections"]), " ".join(u["topics"]))
+            row = [u["user"], str(u["connections"]), " ".join(u["topics"])]
+            if clustered:
+                row.append(_per_node(u.get("nodes", {})))
+            table.add_row(*row)
         console.print(table)
     else:
         console.print("no users connected")
@@ -186,15 +198,23 @@ def kick(config_path: Path, user: str, topic: str | None, reason: str, ban: str 
         if topic is not None:
             fail("--ban refuses connects, so it cannot be combined with --topic", 2)
     result = call(config_path, "kick", user=user, topic=topic, reason=reason, ban=ban_seconds)
+    # In a cluster the other nodes act too, and their counts are not known here.
+    everywhere = (
+        " on this node; every other node of the cluster was told"
+        if result.get("everywhere")
+        else ""
+    )
     if topic is not None:
-        if not result["removed"]:
+        if not result["removed"] and not everywhere:
             fail(f"{user} has not joined {topic}: nobody was removed")
-        click.echo(f"removed {user} from {topic} ({_count(result['removed'], 'channel')})")
+        click.echo(
+            f"removed {user} from {topic} ({_count(result['removed'], 'channel')}{everywhere})"
+        )
         return
     if ban_seconds is None:
-        if not result["closed"]:
+        if not result["closed"] and not everywhere:
             fail(f"{user} has no open connection: nobody was kicked")
-        click.echo(f"kicked {user} ({_count(result['closed'], 'connection')} closed)")
+        click.echo(f"kicked {user} ({_count(result['closed'], 'connection')} closed{everywhere})")
         return
     kicked = (
         f"kicked {user} ({_count(result['closed'], 'connection')} closed)"
@@ -236,6 +256,11 @@ def reload(config_path: Path) -> None:
     """Re-read the config and tokens files (as SIGHUP does); connections stay up."""
     result = call(config_path, "reload")
     click.echo(f"reloaded {result['path']}")
+
+
+def _per_node(counts: dict[str, int]) -> str:
+    """A cluster's per-node counts: "a 3, b 1" (nodes with none left out)."""
+    return ", ".join(f"{node} {n}" for node, n in sorted(counts.items()) if n)
 
 
 def _count(n: int, noun: str) -> str:

@@ -110,9 +110,47 @@ def render(
             t["topic"], f"{t['subscribers']:,}", f"{t['users']:,}", presences, f"{t['hits']:,}"
         )
     parts: list[RenderableType] = [header, Text(""), figures, Text(""), topics]
+    if report.get("cluster"):
+        parts += [Text(""), *render_cluster(report["cluster"])]
     if footer:
         parts += [Text(""), Text(footer, style="dim")]
     return Group(*parts)
+
+
+def render_cluster(cluster: dict[str, Any]) -> list[Text | Table]:
+    """The cluster's state as this node sees it, its totals and a row per node."""
+    state = Text.assemble(
+        ("cluster ", "bold"),
+        f"node {cluster['node']} · ",
+        (cluster["state"], "green" if cluster["state"] == "connected" else "bold red"),
+        f" for {format_duration(cluster['for'])} · {cluster['redis']} prefix {cluster['prefix']}"
+        f" · published {cluster['published']:,} received {cluster['received']:,}"
+        f" dropped {cluster['dropped']:,} reconnects {cluster['reconnects']:,}",
+    )
+    nodes = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    for column in ("node", "connections", "channels", "topics", "users", "deliveries", "state"):
+        nodes.add_column(column, justify="left" if column in ("node", "state") else "right")
+    for row in cluster.get("nodes", []):
+        nodes.add_row(
+            str(row.get("node")),
+            f"{row.get('connections', 0):,}",
+            f"{row.get('channels', 0):,}",
+            f"{row.get('topic_count', 0):,}",
+            f"{row.get('user_count', 0):,}",
+            f"{row.get('deliveries', 0):,}",
+            str((row.get("cluster") or {}).get("state", "")),
+        )
+    t = cluster.get("totals", {})
+    nodes.add_row(
+        Text("all nodes", style="bold"),
+        f"{t.get('connections', 0):,}",
+        f"{t.get('channels', 0):,}",
+        f"{t.get('topic_count', 0):,}",
+        f"{t.get('user_count', 0):,}",
+        f"{t.get('deliveries', 0):,}",
+        "",
+    )
+    return [state, nodes]
 
 
 def format_bytes(value: float) -> str:

@@ -20,6 +20,7 @@ from phxbroker.auth import origin
 from phxbroker.auth.settings import AuthConfig, TokenEntry
 from phxbroker.broker.topics import JoinPolicy, TopicRule, parse_pattern
 from phxbroker.config import tls
+from phxbroker.config.cluster import ClusterConfig, parse_cluster
 from phxbroker.config.signed_tokens import parse_jwt, parse_phoenix_token, read_secret
 from phxbroker.config.table import ConfigError, Table, config_relative, read_toml
 
@@ -151,6 +152,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     hooks: HooksConfig | None = None
+    cluster: ClusterConfig | None = None  # None: one process, no Redis
 
 
 def load_config(path: str | Path) -> Config:
@@ -190,6 +192,7 @@ def parse_config(
     metrics = _parse_metrics(root.table("metrics"))
     limits = _parse_limits(root.table("limits"))
     hooks = _parse_hooks(root.table("hooks")) if root.has("hooks") else None
+    cluster = parse_cluster(root.table("cluster")) if root.has("cluster") else None
     root.done()
     if hooks is None:
         needing = [r for r in topics if r.join.kind == "hook" or r.hook_events]
@@ -228,6 +231,7 @@ def parse_config(
         admin=admin,
         limits=limits,
         hooks=hooks,
+        cluster=cluster,
     )
 
 

@@ -16,6 +16,7 @@ import math
 import signal
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,6 +48,9 @@ from phxbroker.transport.sockets import SocketHub
 from phxbroker.transport.upgrade import WebSocketUpgrade
 from phxbroker.transport.websocket import WebSockets
 
+if TYPE_CHECKING:
+    from phxbroker.cluster.node import ClusterNode
+
 __all__ = ["Daemon", "StartupError", "serve", "tune_garbage_collector"]
 
 log = logging.getLogger("phxbroker")
@@ -64,6 +68,7 @@ class Daemon:
         *,
         listen_override: tuple[str, int] | None = None,
         notifier: Notifier | None = None,
+        node: str | None = None,
     ) -> None:
         # A listen address given on the command line outlives config reloads.
         self._listen_override = listen_override
@@ -71,12 +76,15 @@ class Daemon:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.stats = stats = Stats()
-        self.bans = Bans()  # outlive reloads: the authenticator is rebuilt, bans are kept
+        # Bans outlive reloads: the authenticator is rebuilt, bans are kept.
+        self.bans = Bans() if config.cluster is None else _shared_bans()
         self.hub = hub = SocketHub(stats, config.server, config.limits)
         self.broker = broker = Broker(
             config.topics, stats, max_channels=config.server.max_channels, clock=trio.current_time
         )
         self.broker_task = gateway = BrokerTask(broker, hub, stats)
+        # A cluster node (only with [cluster]; nothing of it is imported otherwise).
+        self.cluster = _cluster_node(config, broker, gateway, stats, self.bans, node)
         peer_ids = itertools.count(1)
 
         # Clients: admission, the inbound path, and the two transports.
@@ -107,6 +115,7 @@ class Daemon:
             is_draining=lambda: self.draining,
             reload=self._reload_for_operator,
             config_path=lambda: self.config.path,
+            cluster=self.cluster,
         )
         self.api = Api(config.api, self.operations, stats, self._methods_at)
 
@@ -115,9 +124,15 @@ class Daemon:
         upgrade = WebSocketUpgrade(self.admission, self.websockets, hub, peer_ids, broker.activity)
         router.transport("/websocket", upgrade)
         router.transport(LONGPOLL_SUBPATH, self.longpoll)
-        operator_routes = Health(self.operations).routes() + self.api.routes()
+        degraded = self.cluster.degraded if self.cluster is not None else None
+        operator_routes = Health(self.operations, degraded).routes() + self.api.routes()
         if config.metrics.enabled:
-            operator_routes += Metrics(stats, self.operations).routes()
+            metrics = Metrics(stats, self.operations)
+            if self.cluster is not None:
+                from phxbroker.cluster.metrics import ClusterCollector
+
+                metrics.registry.register(ClusterCollector(self.cluster))
+            operator_routes += metrics.routes()
         for method, path, handler in operator_routes:
             router.route(method, path, handler)
         router.prefix(API_PREFIX, self.api.not_routed)
@@ -165,6 +180,8 @@ class Daemon:
                 self._nursery = nursery
                 if self.hooks is not None:
                     await nursery.start(self.hooks.run)
+                if self.cluster is not None:
+                    nursery.start_soon(self.cluster.run)
                 if control is not None:
                     nursery.start_soon(control.serve)
                 nursery.start_soon(self._sweep)
@@ -287,6 +304,8 @@ class Daemon:
             )
         for peer in left:
             peer.abort()
+        if self.cluster is not None:
+            await self.cluster.stop()
 
     def hurry(self) -> None:
         """End a drain now: connections still open are cut."""
@@ -341,9 +360,13 @@ class Daemon:
                 listen_port=self.config.server.listen_port,
             )
             new = replace(new, server=server)
+        if new.cluster != self.config.cluster:
+            log.warning("reload: a changed [cluster] section takes effect only after a restart")
+            new = replace(new, cluster=self.config.cluster)
         if (new.server.tls_context is None) != (self.config.server.tls_context is None):
             scheme = "https" if new.server.tls_context is not None else "http"
             log.warning("reload: the listen port now speaks %s to new connections", scheme)
+        dropped = _dropped_credentials(self.config, new)
         self.config = new
         self.admission.configure(authenticator, new.server, new.limits)
         self.hub.configure(new.server, new.limits)
@@ -354,7 +377,7 @@ class Daemon:
         await self._configure_hooks(new)
         logs.reconfigure(new.log, secret_params=[new.auth.token_param])
         try:
-            closed = await self.broker_task.ask(self._apply_in_broker, new, authenticator)
+            closed = await self.broker_task.ask(self._apply_in_broker, new, authenticator, dropped)
         except Exception:
             log.exception("internal error while applying the config from %s", path)
             self.reload_error = "internal error, see the daemon's log"
@@ -395,18 +418,74 @@ class Daemon:
         log.error("reload refused, keeping the running config: %s", reason)
         return False
 
-    def _apply_in_broker(self, config: Config, authenticator: Authenticator) -> int:
+    def _apply_in_broker(
+        self, config: Config, authenticator: Authenticator, dropped: frozenset[bytes] = frozenset()
+    ) -> int:
         """Runs in the broker task: the new rules, and sockets whose credential is no longer
-        accepted closed. Returns how many were closed."""
+        accepted closed (in a cluster, on every node: `dropped` are the credentials the
+        new config no longer has). Returns how many were closed here."""
         self.broker.configure(config.topics, config.server.max_channels)
         closed = 0
+        revoked = []
         for peer in list(self.broker.peers):
-            if not authenticator.credential_valid(getattr(peer, "credential", None), peer.user):
+            credential = getattr(peer, "credential", None)
+            if not authenticator.credential_valid(credential, peer.user):
                 log.info("closing %s: its credential is no longer accepted", peer)
                 self.broker.disconnect(peer)
                 peer.close(close_codes.GOING_AWAY, "credential revoked")
                 closed += 1
+                revoked.append(credential)
+        if self.cluster is not None and (revoked or dropped):
+            self.cluster.credentials_revoked([*revoked, *dropped])
         return closed
+
+
+def _dropped_credentials(old: Config, new: Config) -> frozenset[bytes]:
+    """Static token digests and signing key fingerprints the old config accepted and the
+    new one does not."""
+
+    def credentials(config: Config) -> set[bytes]:
+        found = {entry.sha256 for entry in config.auth.tokens}
+        found.update(s.fingerprint for s in (config.auth.jwt, config.auth.phoenix_token) if s)
+        return found
+
+    return frozenset(credentials(old) - credentials(new))
+
+
+def _shared_bans() -> Bans:
+    from phxbroker.cluster.bans import SharedBans
+
+    return SharedBans()
+
+
+def _cluster_node(
+    config: Config,
+    broker: Broker,
+    gateway: BrokerTask,
+    stats: Stats,
+    bans: Bans,
+    node: str | None,
+) -> ClusterNode | None:
+    """The node's cluster engine when [cluster] is set, as the broker's fanout; named
+    `node`, else as the config says, else after this host and process."""
+    if config.cluster is None:
+        return None
+    from phxbroker.cluster.bans import SharedBans
+    from phxbroker.cluster.node import ClusterNode
+    from phxbroker.config.cluster import default_node_name
+
+    cluster = ClusterNode(
+        config.cluster,
+        broker,
+        gateway,
+        stats,
+        bans,
+        node=node or config.cluster.node or default_node_name(),
+    )
+    broker.fanout = cluster
+    if isinstance(bans, SharedBans):
+        bans.announce = cluster.ban_changed
+    return cluster
 
 
 async def serve(config: Config) -> None:

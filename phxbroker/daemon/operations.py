@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -20,6 +20,9 @@ from phxbroker.broker.topics import find_rule
 from phxbroker.daemon.runtime import BrokerTask
 from phxbroker.ops.report import assemble_report, broker_view
 from phxbroker.protocol import close_codes
+
+if TYPE_CHECKING:
+    from phxbroker.cluster.node import ClusterNode
 
 
 class Operations:
@@ -35,6 +38,7 @@ class Operations:
         is_draining: Callable[[], bool],
         reload: Callable[[], Awaitable[str | None]],
         config_path: Callable[[], Path | None],
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.broker_task = broker_task
         self.broker = broker
@@ -43,11 +47,17 @@ class Operations:
         self._is_draining = is_draining
         self._reload = reload
         self._config_path = config_path
+        self.cluster = cluster  # None: a single process
 
     @property
     def draining(self) -> bool:
         """True once shutdown began: no new clients, nothing promised to those leaving."""
         return self._is_draining()
+
+    @property
+    def clustered(self) -> bool:
+        """Whether kicks and broadcasts also act on other nodes (whose counts are unknown)."""
+        return self.cluster is not None
 
     @property
     def config_path(self) -> Path | None:
@@ -81,15 +91,22 @@ class Operations:
         return self.bans.active()
 
     async def topics(self) -> list[dict[str, Any]]:
-        return await self.broker_task.ask(self.broker.topic_summary)
+        """Every topic; in a cluster, subscribers are counted on every node."""
+        local = await self.broker_task.ask(self.broker.topic_summary)
+        return local if self.cluster is None else await self.cluster.topics(local)
 
     async def users(self) -> list[dict[str, Any]]:
-        return await self.broker_task.ask(self.broker.user_summary)
+        """Every connected user; in a cluster, connections are counted on every node."""
+        local = await self.broker_task.ask(self.broker.user_summary)
+        return local if self.cluster is None else await self.cluster.users(local)
 
     async def report(self) -> dict[str, Any]:
         """A consistent snapshot: broker figures are taken between two broker batches."""
         view = await self.broker_task.ask(broker_view, self.broker)
-        return assemble_report(view, self.stats, self.bans)
+        report = assemble_report(view, self.stats, self.bans)
+        if self.cluster is not None:
+            report["cluster"] = await self.cluster.report()
+        return report
 
     async def reload(self) -> str | None:
         return await self._reload()

@@ -42,6 +42,9 @@ class Operator(Protocol):
     @property
     def config_path(self) -> Path | None: ...
 
+    @property
+    def clustered(self) -> bool: ...
+
     async def report(self) -> dict[str, Any]: ...
 
     async def topics(self) -> list[dict[str, Any]]: ...
@@ -192,7 +195,7 @@ class ControlSocket:
                 raise CommandError("a ban refuses connects, so it cannot be limited to a topic")
             removed = await operator.kick(user, topic)
             log.info("admin: removed user %r from %s (%d channels)", user, topic, removed)
-            return {"removed": removed}
+            return {"removed": removed, "everywhere": self.operator.clustered}
         if ban is not None:
             if ban <= 0:
                 raise CommandError("the ban must last a positive number of seconds")
@@ -205,7 +208,7 @@ class ControlSocket:
             closed,
             f", banned for {ban:g} s" if ban is not None else "",
         )
-        return {"closed": closed, "banned_for": ban}
+        return {"closed": closed, "banned_for": ban, "everywhere": self.operator.clustered}
 
     async def do_unban(self, user: str) -> dict[str, Any]:
         lifted = self.operator.unban(user)

@@ -30,8 +30,11 @@ class Liveness(Protocol):
 class Health:
     """`/healthz` and `/readyz`; `routes()` lists them for the route table."""
 
-    def __init__(self, daemon: Liveness) -> None:
+    def __init__(self, daemon: Liveness, degraded: Callable[[], str | None] | None = None) -> None:
         self.daemon = daemon
+        # Why the daemon serves with less than it should (e.g. cut off from its cluster):
+        # still ready, since its own clients are served, but the body says so.
+        self.degraded = degraded
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("GET", "/healthz", self.healthz), ("GET", "/readyz", self.readyz)]
@@ -44,7 +47,9 @@ class Health:
         await conn.read_body(request, 0)
         problem = await self.readiness_problem()
         if problem is None:
-            await conn.respond(200, b"ready\n", content_type="text/plain", headers=NO_STORE)
+            note = self.degraded() if self.degraded is not None else None
+            body = f"ready, degraded: {note}\n".encode() if note else b"ready\n"
+            await conn.respond(200, body, content_type="text/plain", headers=NO_STORE)
         else:
             body = f"not ready: {problem}\n".encode()
             await conn.respond(503, body, content_type="text/plain", headers=NO_STORE)
