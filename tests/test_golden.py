@@ -69,8 +69,6 @@ SCENARIOS = [
     "join_user_channel.v2",
     "join_unmatched_topic.v1",
     "join_unmatched_topic.v2",
-    "duplicate_join.v1",
-    "duplicate_join.v2",
     "ping_reply.v1",
     "ping_reply.v2",
     "push_not_joined.v1",
@@ -101,6 +99,25 @@ async def test_transcript(scenario: str) -> None:
     _require_transcripts()
     async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
         await Replay(port, scenario).run(load(scenario))
+
+
+@pytest.mark.parametrize("scenario", ["duplicate_join.v1", "duplicate_join.v2"])
+async def test_duplicate_join(scenario: str) -> None:
+    """One deliberate difference: the capture (Phoenix 1.7.24) answers a push that still
+    carries the old join_ref after the duplicate join, stamped with the new one; Phoenix
+    1.8 drops it (it was meant for the channel the new join replaced), and so does
+    phxbroker. That one reply is taken out below; the rest is compared as captured."""
+    _require_transcripts()
+    lines = load(scenario)
+    stale = next(
+        i
+        for i, ln in enumerate(lines)
+        if ln["dir"] == "out" and ln["opcode"] == "text" and '"old"' in ln["frame"]
+    )
+    assert lines[stale + 1]["dir"] == "in" and '"old"' in lines[stale + 1]["frame"]
+    del lines[stale + 1]
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
+        await Replay(port, scenario).run(lines)
 
 
 @pytest.mark.parametrize("scenario", ["connect_rejected.v1", "connect_rejected.v2"])

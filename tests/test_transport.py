@@ -74,13 +74,26 @@ async def test_binary_garbage_closes_with_1011(frame: bytes) -> None:
         await roundtrip_ok(port)
 
 
-@pytest.mark.parametrize("frame", ["[1,2,3]", "{}", "null", "[null,null,null,null,null]"])
+@pytest.mark.parametrize("frame", ["[1,2,3]", "{}", "null", '["1","1","t","e"]'])
 async def test_wrong_message_shapes_close_with_1011(frame: str) -> None:
     async with serve(CONFIG) as (_server, port):
         async with open_websocket_url(url(port)) as ws:
             await ws.send_message(frame)
             await expect_close(ws, 1011)
         await roundtrip_ok(port)
+
+
+async def test_a_topic_that_is_not_a_string_is_an_unmatched_topic() -> None:
+    # As Phoenix answers it: no channel has such a topic; the socket stays open.
+    async with serve(CONFIG) as (_server, port), open_websocket_url(url(port)) as ws:
+        await ws.send_message("[null,null,null,null,null]")
+        with trio.fail_after(TIMEOUT):
+            reply = json.loads(await ws.get_message())
+        unmatched = {"status": "error", "response": {"reason": "unmatched topic"}}
+        assert reply == [None, None, None, "phx_reply", unmatched]
+        await ws.send_message('[null,"2","phoenix","heartbeat",{}]')
+        with trio.fail_after(TIMEOUT):
+            assert json.loads(await ws.get_message())[1] == "2"
 
 
 async def test_invalid_utf8_text_is_a_protocol_error() -> None:
