@@ -157,7 +157,7 @@ def test_the_switch_silences_connects_and_joins_but_not_refusals(lines: Lines) -
 def test_the_broker_logs_joins_leaves_and_disconnects(broker: Broker, lines: Lines) -> None:
     alice = connect(broker, "alice")
     join(broker, alice, "room:lobby", payload={"status": "here", "password": "hunter2"})
-    broker.handle(alice, Message("2", "2", "room:lobby", "phx_leave", {}))
+    broker.handle(alice, Message("1", "2", "room:lobby", "phx_leave", {}))
     join(broker, alice, "all", "3")
     broker.disconnect(alice)
     messages = lines.take()

@@ -100,11 +100,83 @@ def test_duplicate_join_replies_then_closes_the_old_channel(broker: Broker, cloc
     assert frames[0][:4] == ["3", "3", "room:lobby", "phx_reply"]
     assert frames[1] == ["1", "1", "room:lobby", "phx_close", {}]
     assert frames[2][3] == "presence_state"
-    # A push with the old join_ref reaches the new channel and is answered with the new one.
+    # A push with the old join_ref was meant for the old channel: dropped, as in Phoenix 1.8.
     broker.handle(alice, Message("1", "4", "room:lobby", "ping", {"old": True}))
+    assert alice.take() == []
+    broker.handle(alice, Message("3", "5", "room:lobby", "ping", {"new": True}))
     assert alice.take() == [
-        ["3", "4", "room:lobby", "phx_reply", {"status": "ok", "response": {"old": True}}]
+        ["3", "5", "room:lobby", "phx_reply", {"status": "ok", "response": {"new": True}}]
     ]
+
+
+def test_messages_for_an_earlier_join_of_the_topic_are_dropped(
+    broker: Broker, clock: Clock
+) -> None:
+    alice = connect(broker, "alice")
+    bob = connect(broker, "bob")
+    join(broker, alice, "room:lobby", "1")
+    join(broker, bob, "room:lobby", "1")
+    for stale in ("99", None):
+        broker.handle(alice, Message(stale, "2", "room:lobby", "ping", {}))
+        broker.handle(alice, Message(stale, "3", "room:lobby", "phx_leave", {}))
+    clock.now += 1
+    broker.tick()
+    alice.take()
+    bob.take()
+    # Phoenix 1.8: no reply, no phx_close, still subscribed; nobody sees a presence leave.
+    broker.handle(alice, Message("1", "4", "room:lobby", "ping", {}))
+    assert [f[:4] for f in alice.take()] == [["1", "4", "room:lobby", "phx_reply"]]
+    assert bob.take() == []
+
+
+def test_a_channel_joined_without_a_join_ref_stamps_its_ref_and_takes_every_message(
+    broker: Broker,
+) -> None:
+    alice = connect(broker, "alice")
+    broker.handle(alice, Message(None, "abc", "room:lobby", "phx_join", {}))
+    reply, state = alice.take()
+    assert (reply[:2], state[:2]) == ([None, "abc"], ["abc", None])  # join_ref || ref
+    broker.handle(alice, Message("77", "2", "room:lobby", "ping", {}))
+    assert [f[:4] for f in alice.take()] == [["abc", "2", "room:lobby", "phx_reply"]]
+    broker.handle(alice, Message("x", "3", "room:lobby", "phx_leave", {}))
+    assert alice.take() == [
+        ["abc", "3", "room:lobby", "phx_reply", {"status": "ok", "response": {}}],
+        [None, None, "room:lobby", "phx_close", {}],  # the join message's own join_ref
+    ]
+
+
+def test_held_messages_meet_the_join_ref_of_the_channel_they_find(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:lobby", "1")
+    alice.take()
+    broker.defer(alice, "room:lobby")
+    join(broker, alice, "room:lobby", "5")  # a rejoin, held with what follows it
+    broker.handle(alice, Message("1", "6", "room:lobby", "ping", {}))
+    broker.handle(alice, Message("1", "7", "room:lobby", "phx_leave", {}))
+    broker.handle(alice, Message("5", "8", "room:lobby", "ping", {}))
+    assert alice.take() == []
+    broker.resume(alice, "room:lobby")
+    answered = [f[:4] for f in alice.take() if f[3] != "presence_state"]
+    assert answered == [
+        ["5", "5", "room:lobby", "phx_reply"],
+        ["1", "1", "room:lobby", "phx_close"],
+        ["5", "8", "room:lobby", "phx_reply"],
+    ]
+
+
+def test_a_topic_or_event_that_is_not_a_string(broker: Broker) -> None:
+    alice = connect(broker, "alice")
+    unmatched = {"status": "error", "response": {"reason": "unmatched topic"}}
+    for topic in (5, None, ["room:lobby"], {"a": 1}):
+        for event in ("phx_join", "ping"):
+            broker.handle(alice, Message("1", "1", topic, event, {}))
+            assert alice.take() == [[None, "1", topic, "phx_reply", unmatched]]
+        broker.handle(alice, Message("1", "2", topic, "phx_leave", {}))
+        assert alice.take() == [["1", "2", topic, "phx_reply", {"status": "ok", "response": {}}]]
+    join(broker, alice, "crashy", "3")
+    alice.take()
+    broker.handle(alice, Message("3", "4", "crashy", ["ping"], {}))
+    assert alice.take() == [["3", "3", "crashy", "phx_error", {}]]  # as an unhandled event
 
 
 def test_leave_then_push(broker: Broker) -> None:

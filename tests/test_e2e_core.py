@@ -106,6 +106,27 @@ def test_join_and_push_round_trip(connect: Connect, vsn: str) -> None:
     assert (reply["status"], reply["response"]) == ("ok", payload)
 
 
+@pytest.mark.parametrize(
+    ("transport", "opened_as"), [("websocket", "WebSocket"), ("longpoll", "LongPoll")]
+)
+def test_an_endpoint_written_with_a_trailing_slash_connects_and_joins(
+    broker: BrokerProcess,
+    node_client_factory: Callable[..., NodeClient],
+    transport: str,
+    opened_as: str,
+) -> None:
+    # phoenix.js appends "/websocket" (or "/longpoll") to the endpoint as written, so
+    # new Socket("/socket/") asks for /socket//websocket; Plug ignores the empty segment.
+    alice = node_client_factory()
+    alice.connect(broker.socket_url("/socket/"), {"token": "alice-token"}, transport=transport)
+
+    assert alice.expect_open()["transport"] == opened_as
+    joined = alice.join("room:lobby")
+    assert (joined["status"], joined["response"]) == ("ok", {"joined": "lobby"})
+    reply = alice.call("room:lobby", "ping", {"a": 1})
+    assert (reply["status"], reply["response"]) == ("ok", {"a": 1})
+
+
 @pytest.mark.parametrize("params", [{"token": "wrong-token"}, {}], ids=["bad-token", "no-token"])
 def test_connect_without_a_valid_token_is_refused(
     broker: BrokerProcess, node_client_factory: Callable[..., NodeClient], params: dict[str, str]

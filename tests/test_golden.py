@@ -69,8 +69,6 @@ SCENARIOS = [
     "join_user_channel.v2",
     "join_unmatched_topic.v1",
     "join_unmatched_topic.v2",
-    "duplicate_join.v1",
-    "duplicate_join.v2",
     "ping_reply.v1",
     "ping_reply.v2",
     "push_not_joined.v1",
@@ -101,6 +99,25 @@ async def test_transcript(scenario: str) -> None:
     _require_transcripts()
     async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
         await Replay(port, scenario).run(load(scenario))
+
+
+@pytest.mark.parametrize("scenario", ["duplicate_join.v1", "duplicate_join.v2"])
+async def test_duplicate_join(scenario: str) -> None:
+    """One deliberate difference: the capture (Phoenix 1.7.24) answers a push that still
+    carries the old join_ref after the duplicate join, stamped with the new one; Phoenix
+    1.8 drops it (it was meant for the channel the new join replaced), and so does
+    phxbroker. That one reply is taken out below; the rest is compared as captured."""
+    _require_transcripts()
+    lines = load(scenario)
+    stale = next(
+        i
+        for i, ln in enumerate(lines)
+        if ln["dir"] == "out" and ln["opcode"] == "text" and '"old"' in ln["frame"]
+    )
+    assert lines[stale + 1]["dir"] == "in" and '"old"' in lines[stale + 1]["frame"]
+    del lines[stale + 1]
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
+        await Replay(port, scenario).run(lines)
 
 
 @pytest.mark.parametrize("scenario", ["connect_rejected.v1", "connect_rejected.v2"])
@@ -189,3 +206,62 @@ async def test_disconnect_http(scenario: str) -> None:
         replay.port = port
         await replay.run(lines)
     assert replay.http_bodies == [{"ok": True, "connections": 1}]
+
+
+# Written from the frames Phoenix 1.8.4 answered in a frame-by-frame comparison with
+# phxbroker, where 1.8 answers differently from the 1.7.24 captures above (or phxbroker
+# did): see the note at the top of each transcript and the transcripts' README.
+PHOENIX_1_8_SCENARIOS = [
+    "leave_stale_join_ref.v1",
+    "leave_stale_join_ref.v2",
+    "push_stale_join_ref.v1",
+    "push_stale_join_ref.v2",
+    "join_null_join_ref.v2",
+    "non_string_topic_event.v2",
+    "binary_json_v1.v1",
+    "client_close_codes.v2",
+]
+
+
+@pytest.mark.parametrize("scenario", PHOENIX_1_8_SCENARIOS)
+async def test_phoenix_1_8_transcript(scenario: str) -> None:
+    _require_transcripts()
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
+        await Replay(port, scenario).run(load(scenario))
+
+
+@pytest.mark.parametrize("scenario", ["close_drops_presence.v1", "close_drops_presence.v2"])
+async def test_close_frame_drops_channels_at_once(scenario: str) -> None:
+    """The client holds its TCP connection open after its Close frame (the replay always
+    does); the others must see its presence leave at once, not when TCP ends (which the
+    server gives the client 5 s for), so frames here must come within 2 s."""
+    _require_transcripts()
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
+        await Replay(port, scenario, frame_timeout=2.0).run(load(scenario))
+
+
+@pytest.mark.parametrize("scenario", ["longpoll_session_died.v1", "longpoll_session_died.v2"])
+async def test_longpoll_session_died(scenario: str) -> None:
+    _require_transcripts()
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=300)) as (_, port):
+        await Replay(port, scenario).run(load(scenario))
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "socket_path_slashes.v1",
+        "socket_path_slashes.v2",
+        "api_broadcast_phx_close.v1",
+        "api_broadcast_phx_close.v2",
+    ],
+)
+async def test_phoenix_1_8_transcript_with_api(scenario: str) -> None:
+    """As test_server_broadcast_http: the API key is sent, `subscribers` is phxbroker's."""
+    _require_transcripts()
+    replay = Replay(
+        0, scenario, http_headers=API_HEADERS, http_extra_fields=frozenset({"subscribers"})
+    )
+    async with serve(REFERENCE_APP.format(idle_timeout=60, window_ms=10_000)) as (_, port):
+        replay.port = port
+        await replay.run(load(scenario))

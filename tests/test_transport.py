@@ -74,13 +74,26 @@ async def test_binary_garbage_closes_with_1011(frame: bytes) -> None:
         await roundtrip_ok(port)
 
 
-@pytest.mark.parametrize("frame", ["[1,2,3]", "{}", "null", "[null,null,null,null,null]"])
+@pytest.mark.parametrize("frame", ["[1,2,3]", "{}", "null", '["1","1","t","e"]'])
 async def test_wrong_message_shapes_close_with_1011(frame: str) -> None:
     async with serve(CONFIG) as (_server, port):
         async with open_websocket_url(url(port)) as ws:
             await ws.send_message(frame)
             await expect_close(ws, 1011)
         await roundtrip_ok(port)
+
+
+async def test_a_topic_that_is_not_a_string_is_an_unmatched_topic() -> None:
+    # As Phoenix answers it: no channel has such a topic; the socket stays open.
+    async with serve(CONFIG) as (_server, port), open_websocket_url(url(port)) as ws:
+        await ws.send_message("[null,null,null,null,null]")
+        with trio.fail_after(TIMEOUT):
+            reply = json.loads(await ws.get_message())
+        unmatched = {"status": "error", "response": {"reason": "unmatched topic"}}
+        assert reply == [None, None, None, "phx_reply", unmatched]
+        await ws.send_message('[null,"2","phoenix","heartbeat",{}]')
+        with trio.fail_after(TIMEOUT):
+            assert json.loads(await ws.get_message())[1] == "2"
 
 
 async def test_invalid_utf8_text_is_a_protocol_error() -> None:
@@ -105,7 +118,29 @@ async def test_fragmented_messages_pings_and_client_close() -> None:
         assert isinstance(reply, TextMessage) and json.loads(reply.data)[1] == "7"
         await raw.send(CloseConnection(code=4000, reason="bye"))
         closed = await raw.next_event()
-        assert isinstance(closed, CloseConnection) and closed.code == 4000
+        # Bandit (so Phoenix) answers a client's Close frame with 1000, whatever its code.
+        assert isinstance(closed, CloseConnection) and closed.code == 1000
+
+
+@pytest.mark.parametrize(
+    ("payload", "answer"),
+    [
+        (b"", 1000),  # no code: socket.disconnect() without one
+        (b"\x03\xe9", 1000),  # 1001
+        (b"\x0f\xa0bye", 1000),  # 4000
+        (b"\x13\x88", 1000),  # 5000, beyond the registered range
+        (b"\x03\xf4", 1002),  # 1012: reserved for servers
+        (b"\x07\xd0", 1002),  # 2000: reserved
+        (b"\x03\xe8\xff\xfe", 1002),  # a reason that is not UTF-8
+        (b"\x03", 1002),  # a one-byte payload
+    ],
+)
+async def test_a_client_close_frame_gets_what_bandit_answers(payload: bytes, answer: int) -> None:
+    async with serve(CONFIG) as (_server, port):
+        raw = await RawWebSocket.connect(port)
+        await raw.send_raw(masked_frame(0x8, payload))
+        closed = await raw.next_event()
+        assert isinstance(closed, CloseConnection) and closed.code == answer
 
 
 async def test_a_slow_subscriber_is_dropped_and_others_lose_nothing() -> None:

@@ -177,7 +177,7 @@ class Question:
 
     @property
     def topic(self) -> str:
-        return self.msg.topic
+        return str(self.msg.topic)  # a string already: only a string topic can be joined
 
 
 class Outside(Protocol):
@@ -192,15 +192,34 @@ class Outside(Protocol):
 
 
 class Channel:
-    """One joined topic on one connection."""
+    """One joined topic on one connection, joined by a message with `join_ref` and `ref`."""
 
-    __slots__ = ("assigns", "join_ref", "phx_ref", "topic")
+    __slots__ = ("assigns", "join_ref", "joined_with", "phx_ref", "topic")
 
-    def __init__(self, topic: Topic, join_ref: Any, assigns: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        topic: Topic,
+        join_ref: Any,
+        assigns: dict[str, Any] | None = None,
+        *,
+        ref: Any = None,
+    ) -> None:
         self.topic = topic
-        self.join_ref = join_ref
+        # The join_ref the join message carried, as Phoenix's socket keeps it: later messages
+        # must carry it too, and phx_close / phx_error are stamped with it. None (V1 clients
+        # send none) lets every message through.
+        self.joined_with = join_ref
+        # What the channel stamps its replies and pushes with: Phoenix's `join_ref || ref`.
+        self.join_ref = ref if join_ref is None or join_ref is False else join_ref
         self.phx_ref: str | None = None  # presence meta tracked for this channel
         self.assigns = assigns  # the channel's assigns, from the app's join and event hooks
+
+    def accepts(self, join_ref: Any) -> bool:
+        """Whether a message carrying `join_ref` is for this channel. Phoenix 1.8 drops the
+        others unanswered: they were meant for an earlier join of the topic (the client
+        raced a close or a rejoin)."""
+        mine = self.joined_with
+        return mine is None or (join_ref == mine and type(join_ref) is type(mine))
 
 
 class Topic:
@@ -353,7 +372,7 @@ class Broker:
             return  # closed while this message was queued
         self.stats.messages_in += 1
         held = self._held.get(peer)
-        if held is not None and msg.topic in held:
+        if held is not None and isinstance(msg.topic, str) and msg.topic in held:
             queue = held[msg.topic]
             if len(queue) >= MAX_HELD:
                 self.stats.count_refusal("too_many_waiting")
@@ -583,7 +602,8 @@ class Broker:
         started = time.perf_counter()
         s = peer.serializer
         name = msg.topic
-        found = None if name == messages.HEARTBEAT_TOPIC else find_rule(self.rules, name)
+        joinable = isinstance(name, str) and name != messages.HEARTBEAT_TOPIC
+        found = find_rule(self.rules, name) if joinable else None
         if found is None:
             self.stats.join_errors += 1
             self._send(peer, s.encode_reply, None, msg.ref, name, "error", UNMATCHED)
@@ -656,7 +676,7 @@ class Broker:
         if topic is None:
             topic = self.topics[name] = Topic(name, rule, captures)
         occupied = not topic.subscribers
-        channel = Channel(topic, msg.join_ref, assigns)
+        channel = Channel(topic, msg.join_ref, assigns, ref=msg.ref)
         peer.channels[name] = channel
         topic.subscribers[peer] = channel
         self.stats.joins += 1
@@ -689,9 +709,12 @@ class Broker:
 
     def _leave(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
-        channel = peer.channels.get(msg.topic)
+        channel = _channel_of(peer, msg.topic)
         if channel is None:
             self._send(peer, s.encode_reply, msg.join_ref, msg.ref, msg.topic, "ok", {})
+            return
+        if not channel.accepts(msg.join_ref):
+            # Phoenix: "the client has raced a server close"; the channel stays, unanswered.
             return
         self._unsubscribe(peer, channel)
         self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
@@ -701,15 +724,20 @@ class Broker:
     def _push(self, peer: Peer, msg: Message) -> None:
         s = peer.serializer
         reply = s.encode_reply
-        channel = peer.channels.get(msg.topic)
+        channel = _channel_of(peer, msg.topic)
         if channel is None:
             self._send(peer, s.encode_reply, None, msg.ref, msg.topic, "error", UNMATCHED)
             return
+        if not channel.accepts(msg.join_ref):
+            return  # for an earlier join of the topic: dropped, as Phoenix 1.8 does
         topic = channel.topic
         rule = topic.rule
         event = msg.event
         payload = msg.payload
-        if rule.hook_events and self.outside is not None and rule.hooks(event):
+        if not isinstance(event, str):
+            # No event a topic names, nor one for the app, is anything but a string.
+            self._unhandled(peer, channel, msg)
+        elif rule.hook_events and self.outside is not None and rule.hooks(event):
             if isinstance(payload, bytes):
                 self._send(peer, reply, channel.join_ref, msg.ref, msg.topic, "error", NO_BINARY)
                 return
@@ -739,15 +767,21 @@ class Broker:
             self._update_presence(peer, channel, payload)
             if rule.ack:
                 self._send(peer, s.encode_reply, channel.join_ref, msg.ref, msg.topic, "ok", {})
-        elif rule.unhandled == "error":
+        else:
+            self._unhandled(peer, channel, msg)
+
+    def _unhandled(self, peer: Peer, channel: Channel, msg: Message) -> None:
+        """An event the topic has no rule for: what its `unhandled` setting says."""
+        rule = channel.topic.rule
+        if rule.unhandled == "error":
             self._send(
                 peer,
-                s.encode_reply,
+                peer.serializer.encode_reply,
                 channel.join_ref,
                 msg.ref,
                 msg.topic,
                 "error",
-                {"reason": f"unhandled event {event!r}"},
+                {"reason": f"unhandled event {msg.event!r}"},
             )
         elif rule.unhandled == "crash":
             # What a Phoenix channel does when handle_in has no clause for the message.
@@ -798,7 +832,7 @@ class Broker:
 
     def _tell_ended(self, peer: Peer, channel: Channel, event: str) -> None:
         self._send(
-            peer, peer.serializer.encode_control, channel.join_ref, channel.topic.name, event, {}
+            peer, peer.serializer.encode_control, channel.joined_with, channel.topic.name, event, {}
         )
 
     def _forget_if_idle(self, topic: Topic) -> None:
@@ -1025,6 +1059,11 @@ class Broker:
             }
             for user, peers in self.users.items()
         ]
+
+
+def _channel_of(peer: Peer, topic: Any) -> Channel | None:
+    """The peer's channel for `topic`; None when not joined (or not a string: never joined)."""
+    return peer.channels.get(topic) if isinstance(topic, str) else None
 
 
 def _user_count(topic: Topic) -> int:

@@ -183,8 +183,9 @@ class Api:
         event = fields.string("event")
         payload = fields.object("payload")
         fields.done()
-        if event.startswith("phx_"):
-            raise ApiError(400, f'field "event" must not start with "phx_" (got {event!r})')
+        # Any event goes, phx_close and the other phx_ events included, as from Phoenix's
+        # Endpoint.broadcast: phoenix.js closes a channel that receives phx_close, while
+        # its subscription here stays, as in Phoenix (`phxbroker kick` ends that too).
         _refuse_while_draining(self.backend)
         reached = await self.backend.publish(topic, event, payload)
         log.debug("API key %s broadcast %s to %s: %d subscribers", key_name, event, topic, reached)

@@ -16,3 +16,13 @@ IDLE_TIMEOUT = PROTOCOL_ERROR
 SENDABLE = (
     frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 )
+NO_STATUS = 1005  # what a Close frame without a code reads as (RFC 6455 section 7.1.5)
+
+
+def answer_to_client_close(code: int) -> int:
+    """The code Bandit (so Phoenix) answers a client's Close frame carrying `code` with:
+    1000, whatever the client gave as its reason for leaving (no code, 1001, 4000, 5000
+    ...), but 1002 for the codes RFC 6455 reserves for other uses (1004-1006, 1012-2999)."""
+    if code == NO_STATUS or 1000 <= code <= 1003 or 1007 <= code <= 1011 or code >= 3000:
+        return NORMAL
+    return PROTOCOL_ERROR

@@ -47,8 +47,8 @@ class Message:
 
     join_ref: Any
     ref: Any
-    topic: str
-    event: str
+    topic: Any  # a string but for clients that send another JSON value (never joinable)
+    event: Any  # likewise: a string but for clients that send another JSON value
     payload: Any  # a JSON value, or bytes for a binary push
 
 

@@ -9,7 +9,9 @@
   phoenix.js 1.8.3+ takes as "session gone" and reconnects;
 * POST: the body is one frame, or up to 100 ndjson lines (`[`... text, anything else
   base64 of a binary frame), each taking the same inbound path as a websocket frame, in
-  order; answered `{"status":200}`.
+  order; answered `{"status":200}`. A frame that is not a Phoenix message (an empty body
+  is one) ends the session as it would crash Phoenix's: the POST is answered 408 (Phoenix's
+  session never acknowledges it) and the session's next poll 403.
 
 Every answer is HTTP 200 with the protocol status in the JSON body, CORS-open and never
 cached. The sessions themselves live in `longpoll_sessions`.
@@ -106,11 +108,13 @@ class LongPoll:
             await self._new_session(conn, request, params)
         elif not session.closed:
             await self._listen(conn, session)
-        else:
-            # A session the server ended hands over what it still had queued, or says it is
-            # gone (phoenix.js 1.8.3+ then reconnects); after that its token is unknown.
+        elif session.pending:
+            # A session the server ended hands over what it still had queued; after that
+            # its token is unknown.
             self.sessions.forget(session)
-            await self._answer_messages(conn, session, 200 if session.pending else 410)
+            await self._answer_messages(conn, session, 200)
+        else:
+            await self._answer_gone(conn, session)
 
     async def _new_session(
         self, conn: HttpConnection, request: Request, params: dict[str, str]
@@ -147,8 +151,7 @@ class LongPoll:
             elif session.pending:
                 await self._answer_messages(conn, session, 200)
             elif session.closed:
-                self.sessions.forget(session)
-                await self._answer_messages(conn, session, 410)
+                await self._answer_gone(conn, session)
             else:
                 await self._answer_messages(conn, session, 204)
         finally:
@@ -171,8 +174,8 @@ class LongPoll:
         inbound = self.inbound
         with trio.move_on_after(self.config.window_ms / 1000) as deadline:
             for number, line in enumerate(lines, 1):
-                if not line:
-                    continue
+                if not line and len(lines) > 1:
+                    continue  # a blank line in a batch (an empty body is an empty frame)
                 is_text = not batched or line.startswith(b"[")
                 try:
                     if is_text:
@@ -189,9 +192,11 @@ class LongPoll:
                     await conn.respond(500, PHOENIX_ERROR_BODY, content_type=JSON)
                     return
                 except ProtocolError:
-                    # As a websocket would be closed with 1011: the session ends.
-                    session.close(close_codes.GOING_AWAY, "protocol error")
-                    await self._answer(conn, {"status": 400})
+                    # As a websocket would be closed with 1011: the session ends. Phoenix's
+                    # session process crashes here and the POST waits out window_ms for an
+                    # acknowledgement that never comes.
+                    session.close(close_codes.INTERNAL_ERROR, "protocol error")
+                    await self._answer(conn, {"status": 408})
                     return
                 if not await inbound.forward(session, msg):
                     break  # closed for its rate: the rest of the POST goes with the session
@@ -200,6 +205,17 @@ class LongPoll:
             await self._answer(conn, {"status": 408})
             return
         await self._answer(conn, {"status": 200})
+
+    async def _answer_gone(self, conn: HttpConnection, session: LongPollSession) -> None:
+        """The poll of a session that has ended, after which its token is unknown: 410
+        (phoenix.js 1.8.3+ reconnects: "session gone"), or, for a session that ended on a
+        frame that was not a Phoenix message, 403 as Phoenix answers the token of a session
+        that crashed (phoenix.js closes with 1008 and reconnects)."""
+        self.sessions.forget(session)
+        if session.close_code == close_codes.INTERNAL_ERROR:
+            await self._answer(conn, {"status": 403})
+        else:
+            await self._answer_messages(conn, session, 410)
 
     async def _refuse(self, conn: HttpConnection, request: Request, refusal: Refusal) -> None:
         self.admission.refused(refusal, request, "long-poll connect")

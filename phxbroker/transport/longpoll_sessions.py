@@ -59,6 +59,7 @@ class LongPollSession:
         "assigns",
         "bucket",
         "channels",
+        "close_code",
         "closed",
         "credential",
         "id",
@@ -98,6 +99,7 @@ class LongPollSession:
         self.pending: list[bytes] = []  # JSON string literals, ready to join into a response
         self.pending_size = 0
         self.closed = False
+        self.close_code: int | None = None  # why it ended (a websocket close code)
         self.last_seen = trio.current_time()
         self.polling = 0  # GETs being held for this session right now
         self.poll_seq = 0  # a newer GET supersedes an older one still held
@@ -142,6 +144,7 @@ class LongPollSession:
         if self.closed:
             return
         self.closed = True
+        self.close_code = code
         self.last_seen = trio.current_time()  # kept a while to answer the next poll
         self._owner.ended(self, reason)
         self._notify()

@@ -5,6 +5,10 @@ a request is first checked against the connection limits (429 per client address
 total), then handed to the client transport its sub-path names (`/websocket`,
 `/longpoll`). Other paths are exact routes (`/healthz`, `/api/broadcast`, ...) or fall to
 a prefix handler that answers its own 404 and 405 (`/api/`).
+
+Empty path segments are ignored everywhere, as Plug ignores them: `/socket//websocket` and
+`/socket/websocket/` are `/socket/websocket` (phoenix.js builds `${endPoint}/websocket`, so
+an app that writes `new Socket("/socket/")` asks for the doubled slash).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class Router:
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         """Serve `method path` with `handler`."""
-        self._routes.setdefault(path, {})[method] = handler
+        self._routes.setdefault(normal_path(path), {})[method] = handler
 
     def transport(self, subpath: str, handler: Handler) -> None:
         """Serve `<socket path><subpath>` for every socket path, whatever the method."""
@@ -43,12 +47,14 @@ class Router:
 
     def methods(self, path: str) -> list[str]:
         """The methods routed at `path` (for a 405's Allow header)."""
-        return sorted(self._routes.get(path, ()))
+        return sorted(self._routes.get(normal_path(path), ()))
 
     async def dispatch(self, conn: HttpConnection, request: Request) -> bool:
         """Answer one request; True when the connection was taken over (upgraded)."""
-        path = request.path
-        for base in self.socket_paths:
+        # Handlers (and their log lines and error messages) see the path as routed.
+        path = request.path = normal_path(request.path)
+        for configured in self.socket_paths:
+            base = normal_path(configured)
             if not path.startswith(base + "/"):
                 continue
             refusal = self.admission.over_limit(request)
@@ -62,7 +68,7 @@ class Router:
         handlers = self._routes.get(path)
         if handlers is None or request.method not in handlers:
             for prefix, fallback in self._prefixes:
-                if path.startswith(prefix):
+                if (path + "/").startswith(prefix):
                     await fallback(conn, request)
                     return False
         if handlers is None:
@@ -77,3 +83,10 @@ class Router:
         else:
             await handlers[request.method](conn, request)
         return False
+
+
+def normal_path(path: str) -> str:
+    """`path` without empty segments, as Plug reads it: `//a//b/` is `/a/b`, `` is `/`."""
+    if "//" not in path and (len(path) < 2 or not path.endswith("/")) and path.startswith("/"):
+        return path  # the common case, without building a list
+    return "/" + "/".join(segment for segment in path.split("/") if segment)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
-from wsproto.connection import Connection, ConnectionType
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from phxbroker.broker.gateway import BrokerGateway
@@ -207,8 +208,15 @@ class WebSocketPeer:
         self.hub.stats.messages_in += 1  # the broker counts the messages it handles itself
         self.send(self.serializer.encode_reply(None, ref, HEARTBEAT_TOPIC, "ok", {}))
 
-    async def run(self, inbound: Inbound, trailing_data: bytes = b"") -> None:
-        """Read until the connection ends; client messages go to the broker in order.
+    async def run(
+        self,
+        inbound: Inbound,
+        trailing_data: bytes = b"",
+        said_goodbye: Callable[[WebSocketPeer], Awaitable[None]] | None = None,
+    ) -> None:
+        """Read until the connection ends; client messages go to the broker in order, and
+        `said_goodbye` hears of the client's Close frame when it comes (the connection ends
+        later, when the client closes its TCP connection or the sweep cuts it).
 
         Every frame (pings and the pieces of a fragmented message included) spends from
         the connection's frame budget, and a message may come in at most max_fragments
@@ -226,6 +234,7 @@ class WebSocketPeer:
         size = 0
         flooded = False
         waited = True
+        goodbye_said = False
         data = trailing_data
         while True:
             if data and not flooded:
@@ -264,10 +273,12 @@ class WebSocketPeer:
                         await self._on_message(payload, inbound)
                     elif isinstance(event, Ping):
                         self._write(encode_frame(OP_PONG, event.payload))
-                    elif isinstance(event, CloseConnection) and self.state == OPEN:
-                        self.close(
-                            event.code if event.code in close_codes.SENDABLE else close_codes.NORMAL
-                        )
+                    elif isinstance(event, CloseConnection):
+                        if self.state == OPEN:
+                            self.close(_answer_to_close(event, ws.state))
+                        if said_goodbye is not None and not goodbye_said:
+                            goodbye_said = True
+                            await said_goodbye(self)
                 if self.dirty:
                     self.flush()
             elif data:
@@ -317,6 +328,23 @@ class WebSocketPeer:
         close_socket(self.sock)
 
 
+def _answer_to_close(event: CloseConnection, state: ConnectionState) -> int:
+    """Our close code for a CloseConnection from wsproto: a client's Close frame gets what
+    Bandit answers; a frame wsproto could not parse gets the code it names (1002, 1007)."""
+    if state is ConnectionState.REMOTE_CLOSING:  # a Close frame wsproto could read
+        return close_codes.answer_to_client_close(event.code)
+    reason = event.reason or ""
+    if "CLOSE with invalid code" in reason:
+        # Bandit answers codes above 4999 with 1000 (and those under 1000 with 1002, which
+        # wsproto's report does not tell apart: those get 1000 too).
+        return close_codes.NORMAL
+    if "CLOSE" in reason:
+        # A Close frame Bandit cannot read either (a reserved code, a one-byte payload, a
+        # reason that is not UTF-8): a protocol error.
+        return close_codes.PROTOCOL_ERROR
+    return event.code if event.code in close_codes.SENDABLE else close_codes.PROTOCOL_ERROR
+
+
 class WebSockets:
     """The daemon's live websocket clients, from upgrade until their socket is released."""
 
@@ -342,7 +370,7 @@ class WebSockets:
             peer.close(close_codes.GOING_AWAY, "server shutting down")
         try:
             await self.gateway.tell(self.broker.connect, peer)
-            await peer.run(self.inbound, trailing_data)
+            await peer.run(self.inbound, trailing_data, self._said_goodbye)
         finally:
             self.live.discard(peer)
             if not self.live:
@@ -351,6 +379,11 @@ class WebSockets:
             self.gateway.tell_soon(self.broker.disconnect, peer)
             peer.finish()
             log.debug("disconnected %s", peer)
+
+    async def _said_goodbye(self, peer: WebSocketPeer) -> None:
+        """The client's Close frame came: its channels and presence go now, as in Phoenix,
+        not when its TCP connection ends (which a client may hold open for a while)."""
+        await self.gateway.tell(self.broker.disconnect, peer)
 
     def sweep(self, now: float, idle_after: float, closing_grace: float) -> None:
         """Close clients silent for `idle_after` seconds (1002, as Bandit), and cut those
