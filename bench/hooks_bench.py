@@ -264,9 +264,16 @@ def batch_sum(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def one_run(kind: str, quick: bool) -> dict:
+def one_run(kind: str, quick: bool, core_path: Path | None = None) -> dict:
+    """One run of one scenario, against the installed phxbroker or the package copy at
+    `core_path` (run_benchmarks.py's --core-commit snapshot)."""
     env = {**os.environ, "BENCH_HOOK_SECRET": "bench-secret-0123456789"}
-    backend = Process(pinned(1, [sys.executable, str(BENCH / "hook_backend.py")]), env, LISTENING)
+    if core_path is not None:
+        env["PYTHONPATH"] = str(core_path)
+    backend_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    backend = Process(
+        pinned(1, [sys.executable, str(BENCH / "hook_backend.py")]), backend_env, LISTENING
+    )
     workdir = Path(tempfile.mkdtemp(prefix="phxbroker-hooks-bench-"))
     config = workdir / "phxbroker.toml"
     config.write_text(CONFIG.format(backend_port=backend.port))
@@ -315,6 +322,21 @@ def one_run(kind: str, quick: bool) -> dict:
     return {"scenario": kind, **figures}
 
 
+SCENARIOS = ("hook-sat", "echo-sat", "hook-lat")
+
+
+def run_all(runs: int, quick: bool, core_path: Path | None = None, echo_json: bool = False) -> str:
+    """Every scenario `runs` times; the markdown section for BENCHMARKS.md."""
+    results: dict[str, list[dict]] = {}
+    for kind in SCENARIOS:
+        for _ in range(runs):
+            run = one_run(kind, quick, core_path)
+            results.setdefault(kind, []).append(run)
+            if echo_json:
+                print(json.dumps(run), flush=True)
+    return report(results, runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs to check the harness")
@@ -323,14 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the markdown section here")
     opts = parser.parse_args(argv)
     runs = opts.runs or (1 if opts.quick else 3)
-    results: dict[str, list[dict]] = {}
-    for kind in ("hook-sat", "echo-sat", "hook-lat"):
-        for _ in range(runs):
-            run = one_run(kind, opts.quick)
-            results.setdefault(kind, []).append(run)
-            if opts.json:
-                print(json.dumps(run), flush=True)
-    section = report(results, runs)
+    section = run_all(runs, opts.quick, echo_json=opts.json)
     if opts.output:
         opts.output.write_text(section)
     elif not opts.json:

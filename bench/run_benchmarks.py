@@ -42,6 +42,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import cluster_bench  # noqa: E402 - beside this file
+import hooks_bench  # noqa: E402 - beside this file
 
 REPO_DIR = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
@@ -1388,6 +1389,12 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(s.name for s in cluster_bench.cluster_scenarios(False)),
     )
     p.add_argument(
+        "--hooks",
+        action="store_true",
+        help="also run the hooks scenarios (bench/hooks_bench.py: hooked events against a "
+        "trivial back end): " + ", ".join(hooks_bench.SCENARIOS),
+    )
+    p.add_argument(
         "--ablations",
         default=None,
         help="optimisations to measure by taking each out: 'all', 'none' or names "
@@ -1516,7 +1523,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(line), flush=True)
             for problem in r.problems:
                 print(f"  problem: {problem}", file=sys.stderr)
+        hooks_section = ""
+        if opts.hooks:
+            print("hooks scenarios ...", file=sys.stderr, flush=True)
+            hooks_section = hooks_bench.run_all(opts.runs, opts.quick, opts.core_path, opts.json)
     text = report(runs, scenarios, opts, invocation)
+    if hooks_section:
+        marker = "\n## Scenarios and exact commands"
+        text = text.replace(marker, "\n" + hooks_section + marker, 1)
     (out_dir / "BENCHMARKS.md").write_text(text)
     if output:
         output.write_text(text)

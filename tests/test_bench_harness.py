@@ -704,3 +704,22 @@ def test_profile_connect_samples_a_small_storm():
     names = [row["category"] for row in r["categories"]]
     assert names == list(profile_connect.CATEGORIES)
     assert sum(row["share"] for row in r["categories"]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_hooks_benchmark_counts_every_hooked_event_the_back_end_answered():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "hooks_bench.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = {r["scenario"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
+    assert set(runs) == {"hook-sat", "echo-sat", "hook-lat"}
+    sat, echo, lat = runs["hook-sat"], runs["echo-sat"], runs["hook-lat"]
+    # Every hooked event answered was one call to the back end, and no more.
+    assert sat["events"] > 0 and sat["backend"]["calls"] == {"/hooks/event": sat["events"]}
+    assert echo["events"] > 0 and echo["backend"]["calls"] == {}
+    assert lat["lost"] == 0 and lat["events"] == 200  # 100/s for 2 s in the quick run
+    assert lat["backend"]["calls"]["/hooks/event"] == 2 * 200  # through phxbroker and direct
+    assert sat["broker_task_us_per_event"] < sat["server_cpu_us_per_event"]
