@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.board_backend import SECRET as BOARD_SECRET
+from support.board_backend import BoardBackend, example_config
 from support.browser import (
     E2E_DIR,
     PHOENIX_JS,
@@ -224,3 +226,35 @@ def _start_browser(profile: Path) -> Browser:
 def _text(element_id: str) -> str:
     """A JavaScript expression: the text of the page's element with that id."""
     return f"document.getElementById({element_id!r}).textContent"
+
+
+def test_the_board_apps_page_works_unchanged_against_phxbroker_and_its_back_end(
+    broker_factory, browser: Browser, tmp_path: Path
+) -> None:
+    board = BoardBackend(tmp_path)
+    try:
+        # The page comes from the back end; each user's page from its own origin, since
+        # the app keeps its token in the origin's localStorage.
+        origins = {"john": board.url, "jane": board.url.replace("127.0.0.1", "localhost")}
+        config = example_config(board)
+        config["server"]["check_origin"] = list(origins.values())
+        broker = broker_factory(config, env={"BOARD_HOOK_SECRET": BOARD_SECRET})
+        pages = {}
+        for name, origin in origins.items():
+            url = f"{origin}/?socket=ws://127.0.0.1:{broker.port}/socket"
+            page = pages[name] = browser.open(name, url)
+            page.fill("#sign-in input[name=email]", f"{name}@phoenix-trello.com")
+            page.click("#sign-in button")
+            page.wait_for("document.querySelector('#board-list button') !== null")
+            page.click("#board-list button")
+            page.wait_for(f"{_text('board-name')} === 'Welcome board'")
+        john, jane = pages["john"], pages["jane"]
+        john.fill("#add-list input[name=name]", "Doing")
+        john.click("#add-list button")
+        # Created through the back end's hook, broadcast as list:created to both pages.
+        for page in (john, jane):
+            page.wait_for(
+                "[...document.querySelectorAll('#lists h3')].some(h => h.textContent === 'Doing')"
+            )
+    finally:
+        assert board.stop() == 0

@@ -3,19 +3,16 @@ example's config, and the example back end (Starlette and SQLite) answering the 
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.board_backend import BOARD, REPO, SECRET, BoardBackend
+from support.board_backend import BOARD, SECRET, BoardBackend, example_config
 from support.broker import BrokerProcess
 from support.node_client import NodeClient
 
 Start = Callable[..., BrokerProcess]
 Client = Callable[..., NodeClient]
-CONFIG = REPO / "examples" / "board" / "phxbroker.toml"
 
 
 @pytest.fixture
@@ -23,15 +20,6 @@ def board(tmp_path: Path) -> Iterator[BoardBackend]:
     backend = BoardBackend(tmp_path)
     yield backend
     assert backend.stop() == 0
-
-
-def example_config(board: BoardBackend) -> dict[str, Any]:
-    """examples/board/phxbroker.toml as shipped, pointed at this run's back end."""
-    config = tomllib.loads(CONFIG.read_text())
-    config["server"]["listen"] = "127.0.0.1:0"
-    config["admin"]["socket"] = "admin.sock"
-    config["hooks"]["url"] = f"{board.url}/hooks"
-    return config
 
 
 def signed_in(

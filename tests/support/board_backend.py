@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -86,3 +88,12 @@ class BoardBackend:
         )
         assert response.status_code == 201, response.text
         return response.json()["jwt"]
+
+
+def example_config(board: BoardBackend) -> dict[str, Any]:
+    """examples/board/phxbroker.toml as shipped, pointed at this run's back end."""
+    config = tomllib.loads((REPO / "examples" / "board" / "phxbroker.toml").read_text())
+    config["server"]["listen"] = "127.0.0.1:0"
+    config["admin"]["socket"] = "admin.sock"
+    config["hooks"]["url"] = f"{board.url}/hooks"
+    return config
