@@ -52,24 +52,17 @@ class Inbound:
         self.hub = hub
         self.stats: Stats = hub.stats
 
-    def decode(self, peer: MeteredPeer, data: str | bytes) -> Message:
-        """The message in one frame (text as str, or bytes from a long-poll line; binary
-        frames as bytes with `binary=True` in `decode_binary`). Raises ProtocolError,
-        counted and logged, for anything that is not a Phoenix message."""
+    def decode(self, peer: MeteredPeer, data: str | bytes, *, binary: bool = False) -> Message:
+        """The message in one frame: a text frame (str, or bytes from a long-poll line) or a
+        `binary` one. Raises ProtocolError, counted and logged, for anything that is not a
+        Phoenix message."""
         try:
             if len(data) > self.hub.max_frame_size:
                 raise ProtocolError(f"message larger than {self.hub.max_frame_size} bytes")
+            if binary:
+                assert isinstance(data, bytes)
+                return peer.serializer.decode_binary(data)
             return peer.serializer.decode_text(data)
-        except ProtocolError as exc:
-            self._malformed(peer, exc)
-            raise
-
-    def decode_binary(self, peer: MeteredPeer, data: bytes) -> Message:
-        """The message in one binary frame; ProtocolError as for `decode`."""
-        try:
-            if len(data) > self.hub.max_frame_size:
-                raise ProtocolError(f"message larger than {self.hub.max_frame_size} bytes")
-            return peer.serializer.decode_binary(data)
         except ProtocolError as exc:
             self._malformed(peer, exc)
             raise

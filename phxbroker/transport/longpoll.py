@@ -181,7 +181,8 @@ class LongPoll:
                     if is_text:
                         msg = inbound.decode(session, line)
                     else:
-                        msg = inbound.decode_binary(session, base64.b64decode(line, validate=True))
+                        raw = base64.b64decode(line, validate=True)
+                        msg = inbound.decode(session, raw, binary=True)
                 except binascii.Error:
                     log.info(
                         "line %d of a POST from %s is neither a JSON array nor base64",

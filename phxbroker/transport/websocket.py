@@ -312,10 +312,7 @@ class WebSocketPeer:
 
     async def _on_message(self, payload: str | bytes, inbound: Inbound) -> None:
         try:
-            if isinstance(payload, str):
-                msg = inbound.decode(self, payload)
-            else:
-                msg = inbound.decode_binary(self, payload)
+            msg = inbound.decode(self, payload, binary=isinstance(payload, bytes))
         except ProtocolError:
             self.close(close_codes.INTERNAL_ERROR)
             return
