@@ -24,10 +24,11 @@ from phxbroker.auth.authenticator import Authenticator
 from phxbroker.auth.bans import Bans
 from phxbroker.broker.core import Broker
 from phxbroker.broker.stats import Stats
-from phxbroker.config.settings import Config, load_config
+from phxbroker.config.settings import AdminConfig, Config, load_config
 from phxbroker.config.table import ConfigError
 from phxbroker.daemon.operations import Operations
 from phxbroker.daemon.runtime import BrokerTask
+from phxbroker.daemon.worker import WorkerRole
 from phxbroker.hooks.runner import HookRunner
 from phxbroker.ops import logs, notify
 from phxbroker.ops.api import PREFIX as API_PREFIX
@@ -69,13 +70,21 @@ class Daemon:
         listen_override: tuple[str, int] | None = None,
         notifier: Notifier | None = None,
         node: str | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         # A listen address given on the command line outlives config reloads.
         self._listen_override = listen_override
+        # A worker listens beside the others, tells its supervisor (never systemd) and
+        # has its own control socket and node name.
+        self.worker = worker
         config = self._with_overrides(config)
         self.config = config
-        self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.stats = stats = Stats()
+        if worker is not None:
+            notifier = worker.link
+            worker.link.connections = lambda: stats.connections_open
+            node = worker.node
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
         # Bans outlive reloads: the authenticator is rebuilt, bans are kept.
         self.bans = Bans() if config.cluster is None else _shared_bans()
         self.hub = hub = SocketHub(stats, config.server, config.limits)
@@ -152,6 +161,10 @@ class Daemon:
         self._hurried = False
 
     def _with_overrides(self, config: Config) -> Config:
+        if self.worker is not None:
+            socket = self.worker.admin_socket
+            admin = AdminConfig(socket=socket, mode=config.admin.mode, configured=True)
+            config = replace(config, admin=admin)
         if self._listen_override is None:
             return config
         host, port = self._listen_override
@@ -166,7 +179,7 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and serve until cancelled; SIGTERM/SIGINT end it cleanly."""
-        self.listen_address = self.listener.bind()
+        self.listen_address = self.listener.bind(reuse_port=self.worker is not None)
         control = None
         try:
             try:
@@ -187,7 +200,9 @@ class Daemon:
                 nursery.start_soon(self._sweep)
                 # Handlers are in place before "listening" is logged: a signal sent as
                 # soon as the daemon says it is up must not hit the default action.
-                await nursery.start(self._handle_signals, nursery)
+                await nursery.start(self._handle_signals)
+                if self.worker is not None:
+                    nursery.start_soon(self.worker.link.follow, self)
                 nursery.start_soon(self.listener.accept, nursery)
                 nursery.start_soon(
                     lambda: notify.keep_informed(
@@ -221,10 +236,7 @@ class Daemon:
             hub.flush()
 
     async def _handle_signals(
-        self,
-        nursery: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
@@ -236,12 +248,18 @@ class Daemon:
                     else:
                         await self.reload()
                 elif not self._stop_requested:
-                    self._stop_requested = True
-                    log.info("received %s: shutting down (send it again to stop at once)", name)
-                    nursery.start_soon(self._drain_and_stop, nursery)
+                    self.request_stop(f"received {name}", "send it again to stop at once")
                 else:
                     log.warning("received %s again: stopping without waiting", name)
                     self.hurry()
+
+    def request_stop(self, why: str, hint: str = "") -> None:
+        """Drain and stop (once; later requests change nothing)."""
+        if self._stop_requested or self._nursery is None:
+            return
+        self._stop_requested = True
+        log.info("%s: shutting down%s", why, f" ({hint})" if hint else "")
+        self._nursery.start_soon(self._drain_and_stop, self._nursery)
 
     async def _drain_and_stop(self, nursery: trio.Nursery) -> None:
         try:
