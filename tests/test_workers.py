@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from support.broker import BrokerProcess
 from support.cli import assert_one_sentence
 from support.cli import cli as run_cli
@@ -268,6 +270,62 @@ def test_reload_and_drain_reach_every_worker_and_only_the_supervisor_tells_syste
         assert sum(1 for m in messages if m.get("STOPPING") == "1") == 1
         statuses = [m["STATUS"] for m in messages if "STATUS" in m]
         assert all(s.startswith(("2 workers", "draining", "reloading")) for s in statuses)
+
+
+def test_sigterm_to_every_process_at_once_drains_without_hurrying(
+    broker_factory: BrokerFactory, redis: RedisServer
+) -> None:
+    """As systemd stops a unit (KillMode=control-group): the supervisor's own request to
+    drain and the worker's own SIGTERM count as one."""
+    broker = start_workers(broker_factory, redis, server={**CONFIG["server"], "drain_timeout": 1})
+    pids = [int(p) for p in broker.wait_for_log(WORKERS_LISTENING).groups()]
+    # A websocket that never answers the close keeps its worker draining until the timeout.
+    silent = raw_websocket(broker)
+    mark = broker.mark()
+    for pid in (broker.pid, *pids):
+        os.kill(pid, signal.SIGTERM)
+    assert broker.wait() == 0
+    text = "\n".join(broker.lines[mark:])
+    assert "stopping without waiting" not in text and "stopping now" not in text
+    assert re.search(r"drain timeout after 1 s: cutting 1 connections", text), text
+    silent.close()
+
+
+def raw_websocket(broker: BrokerProcess) -> socket.socket:
+    """A websocket that completes its handshake and never reads again."""
+    sock = socket.create_connection((broker.host, broker.port), timeout=5)
+    sock.sendall(
+        b"GET /socket/websocket?vsn=2.0.0&token=alice-token HTTP/1.1\r\nHost: x\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_worker_that_cannot_start_stops_the_start_with_one_sentence(tmp_path: Path) -> None:
+    config = tmp_path / "phxbroker.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {
+                **CONFIG,
+                "server": {**CONFIG["server"], "listen": "127.0.0.1:0"},
+                "admin": {"socket": "admin.sock"},
+                # No Redis is needed to start: a node serves alone until it answers.
+                "cluster": {"redis_url": "redis://127.0.0.1:9/0", "node": "t"},
+            }
+        )
+    )
+    (tmp_path / "admin.sock.w1").write_text("in the way")
+    result = run_cli("serve", "--config", config)
+    assert result.returncode == 1, result.stderr
+    assert "admin.sock.w1 exists and is not a socket" in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last == "phxbroker: worker w1 exited with code 1 while starting (its log says why)"
+    assert "Traceback" not in result.stderr
+    # Worker w0, which could start, was stopped with the supervisor.
+    assert subprocess.run(["pgrep", "-f", str(config)], capture_output=True).stdout == b""
+    assert not (tmp_path / "admin.sock").exists()
 
 
 def test_workers_without_a_cluster_is_one_config_error(tmp_path: Path) -> None:

@@ -157,6 +157,7 @@ class Daemon:
         self.reload_error: str | None = None  # why the last reload was refused
         self._status_note = ""
         self._stop_requested = False
+        self._signalled = False  # SIGTERM or SIGINT received (a second one hurries)
         self._drain_scope: trio.CancelScope | None = None
         self._hurried = False
 
@@ -247,19 +248,25 @@ class Daemon:
                         log.info("ignoring SIGHUP: shutting down")
                     else:
                         await self.reload()
-                elif not self._stop_requested:
-                    self.request_stop(f"received {name}", "send it again to stop at once")
+                elif not self._signalled:
+                    # Only a second signal hurries: a worker may be draining already at
+                    # its supervisor's request when the signal sent to them all arrives.
+                    self._signalled = True
+                    hint = "send it again to stop at once"
+                    if not self.request_stop(f"received {name}", hint):
+                        log.info("received %s: draining already (%s)", name, hint)
                 else:
                     log.warning("received %s again: stopping without waiting", name)
                     self.hurry()
 
-    def request_stop(self, why: str, hint: str = "") -> None:
-        """Drain and stop (once; later requests change nothing)."""
+    def request_stop(self, why: str, hint: str = "") -> bool:
+        """Drain and stop; False when that was asked before (nothing changes)."""
         if self._stop_requested or self._nursery is None:
-            return
+            return False
         self._stop_requested = True
         log.info("%s: shutting down%s", why, f" ({hint})" if hint else "")
         self._nursery.start_soon(self._drain_and_stop, self._nursery)
+        return True
 
     async def _drain_and_stop(self, nursery: trio.Nursery) -> None:
         try:

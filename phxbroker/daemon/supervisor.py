@@ -61,6 +61,7 @@ log = logging.getLogger("phxbroker.supervisor")
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a new worker, doubling
 STABLE_AFTER = 60.0  # a worker that ran this long restarts after RESTART_FIRST again
 WORKER_WATCHDOG = 30.0  # seconds a serving worker may stay silent before it is killed
+START_TIMEOUT = 60.0  # seconds a worker may take to listen before it is killed
 RELOAD_TIMEOUT = 30.0
 ASK_TIMEOUT = 10.0  # for a worker's answer on its control socket
 STOP_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
@@ -355,27 +356,25 @@ class Supervisor:
             answer.send_nowait(fields.get("RELOAD_REFUSED"))
 
     async def _watch_pings(self) -> None:
-        """Kill a worker whose event loop stopped: it answers nobody, so it must go."""
+        """Kill a worker whose event loop stopped, or that never finished starting: it
+        answers nobody, so it must go (and a new one comes)."""
         while True:
             await trio.sleep(1.0)
             now = trio.current_time()
             for worker in self.workers:
-                silent = now - worker.pinged
                 process = worker.process
-                if (
-                    worker.state in ("serving", "reloading")
-                    and silent > WORKER_WATCHDOG
-                    and process is not None
-                    and process.returncode is None
-                ):
-                    log.error(
-                        "worker %s (pid %d) sent no sign of life for %.0f s: killing it",
-                        worker.name,
-                        process.pid,
-                        silent,
-                    )
+                if process is None or process.returncode is not None:
+                    continue
+                if worker.state == "starting":
+                    why = f"did not listen within {START_TIMEOUT:.0f} s"
+                    stuck = now - worker.started > START_TIMEOUT
+                else:
+                    why = f"sent no sign of life for {WORKER_WATCHDOG:.0f} s"
+                    stuck = now - worker.pinged > WORKER_WATCHDOG  # it pings while draining too
+                if stuck:
+                    log.error("worker %s (pid %d) %s: killing it", worker.name, process.pid, why)
                     process.kill()
-                    worker.pinged = now
+                    worker.pinged = worker.started = now
 
     # -- signals, drain and reload -------------------------------------------------------
 
@@ -501,11 +500,14 @@ class Supervisor:
     # -- the CLI's commands --------------------------------------------------------------
 
     def answering(self) -> list[Worker]:
-        """Workers whose control socket should answer now, lowest index first."""
+        """Workers whose control socket should answer now, lowest index first (a draining
+        worker still answers until it exits)."""
         return [
             w
             for w in self.workers
-            if w.admin_socket is not None and w.running and w.state in ("serving", "reloading")
+            if w.admin_socket is not None
+            and w.running
+            and w.state in ("serving", "reloading", "draining")
         ]
 
     async def ask_one(self, line: bytes) -> bytes:
