@@ -25,6 +25,8 @@ from support.notify_socket import NotifySocket
 from support.redis_server import RedisServer
 
 from phxbroker.cli.statsview import rates, render
+from phxbroker.config.settings import config_warnings, parse_config
+from phxbroker.config.table import ConfigError
 from phxbroker.daemon.supervisor import merge_reports
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -334,6 +336,32 @@ def test_workers_without_a_cluster_is_one_config_error(tmp_path: Path) -> None:
     for command in ("check-config", "serve"):
         result = run_cli(command, "--config", config)
         assert_one_sentence(result, 2, "server.workers", "[cluster]")
+
+
+def test_the_config_checks_what_workers_need(tmp_path: Path) -> None:
+    cluster = {"redis_url": "redis://127.0.0.1:6379/0"}
+    config = parse_config({"server": {"workers": 2}, "cluster": cluster}, tmp_path / "p.toml")
+    assert config.server.workers == 2
+    assert any("[longpoll] enabled" in w for w in config_warnings(config))
+    cores = os.cpu_count() or 1
+    many = parse_config(
+        {"server": {"workers": cores + 1}, "cluster": cluster, "longpoll": {"enabled": False}}
+    )
+    assert [w for w in config_warnings(many) if "workers" in w] == [
+        f"[server] workers = {cores + 1} on a machine with {cores} cores: workers beyond one "
+        "per core only add overhead"
+    ]
+    for data, key in (
+        ({"server": {"workers": 0}}, "server.workers"),
+        ({"server": {"workers": 2}, "cluster": {**cluster, "node": "n" * 98}}, "cluster.node"),
+        (
+            {"server": {"workers": 2}, "cluster": cluster, "admin": {"socket": "/" + "s" * 104}},
+            "admin.socket",
+        ),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config(data)
+        assert error.value.key == key, error.value
 
 
 COUNTED = ("joins", "messages_in", "messages_out", "bytes_in", "bytes_out")

@@ -258,8 +258,8 @@ def _check_workers(
         raise ConfigError(
             path,
             "server.workers",
-            f"is {server.workers}, and workers share broadcasts, presence and kicks through "
-            "Redis: add a [cluster] section (redis_url) or set workers = 1",
+            f"{server.workers} workers share broadcasts, presence and kicks through Redis: "
+            "add a [cluster] section (redis_url) or set workers = 1",
         )
     last = worker_suffix(server.workers - 1)
     if len(f"{cluster.node}-{last}".encode()) > MAX_NODE_NAME:
@@ -304,8 +304,9 @@ def config_warnings(config: Config) -> list[str]:
     if workers > 1 and config.longpoll.enabled:
         found.append(
             f"[server] workers = {workers} with [longpoll] enabled: a long-poll session lives "
-            "in one worker and its polls may reach another, so long-poll clients reconnect "
-            "often; serve them websockets only ([longpoll] enabled = false) or run one worker"
+            "in one worker and its next request may reach another, which starts the client "
+            "over with a new session; serve websockets only ([longpoll] enabled = false) or "
+            "run one worker"
         )
     if not config.topics:
         found.append('no [[topics]]: every join is refused with "unmatched topic"')
