@@ -87,6 +87,7 @@ class Worker:
     pinged: float = 0.0  # trio time of the last message on the link
     started: float = 0.0
     restarts: int = 0
+    stopped_with: int | None = None  # the exit status of the process the drain stopped
     listening: trio.Event = field(default_factory=trio.Event)  # the first READY=1
     reload_answer: trio.MemorySendChannel[str | None] | None = None
 
@@ -171,9 +172,7 @@ class Supervisor:
         if self._failure is not None:
             raise StartupError(self._failure)
         failed = [
-            f"{w.name} {_describe_exit(w.process.returncode)}"
-            for w in self.workers
-            if w.process is not None and w.process.returncode
+            f"{w.name} {_describe_exit(w.stopped_with)}" for w in self.workers if w.stopped_with
         ]
         if failed:
             log.warning("stopped; workers that did not exit cleanly: %s", ", ".join(failed))
@@ -234,6 +233,7 @@ class Supervisor:
             code = await self._run_worker(worker)
             if self.stopping:
                 worker.state = "exited"
+                worker.stopped_with = code
                 return
             if not self._all_listening and not worker.listening.is_set():
                 self._fail(
@@ -310,6 +310,7 @@ class Supervisor:
             ours.close()
             if worker.reload_answer is not None:
                 worker.reload_answer.send_nowait("the worker exited")
+                worker.reload_answer = None
 
     async def _reap(self, worker: Worker, process: trio.Process) -> None:
         """Make sure the process is gone (the supervisor itself is stopping or failed)."""
