@@ -126,6 +126,37 @@ def test_quick_benchmarks_against_phxbroker(tmp_path):
     assert "| storm: quick: 30 clients join a presence topic" in report
 
 
+def test_the_workers_bench_runs_two_workers_against_redis(tmp_path):
+    output = tmp_path / "workers.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "workers_bench.py"),
+            "--quick",
+            "--servers",
+            "workers2",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in output.read_text().splitlines()
+        if line.startswith("| ")
+    ]
+    rows = [dict(zip(table[0], row, strict=True)) for row in table[1:]]
+    assert [(r["scenario"], r["server"], r["lost"]) for r in rows] == [
+        ("sat50", "workers2", "0"),
+        ("lat50", "workers2", "0"),
+    ]
+    assert all(float(r["deliveries/s"].replace(",", "")) > 0 for r in rows)
+    assert all(float(r["server cores"]) > 0 for r in rows)
+
+
 def test_every_ablation_patch_still_changes_the_code_it_names(tmp_path):
     package = Path(__file__).resolve().parents[1] / "phxbroker"
     for ablation in ABLATIONS:

@@ -149,3 +149,18 @@ def test_setup_applies_level_format_and_configured_secret_params(
     assert len(lines) == 2
     assert lines[0].endswith("WARNING phxbroker.test: refused /socket/websocket?sesame=[redacted]")
     assert orjson.loads(lines[1])["message"] == "now in json"
+
+
+def test_a_worker_tags_each_line_with_its_name_in_every_shape(restore_root_logger: None) -> None:
+    text = EventFormatter(json=False, journald=False, redactor=Redactor(), tag="web1-w0")
+    assert text.format(record("hi", logging.INFO)).endswith(" INFO phxbroker.http[web1-w0]: hi")
+    journald = EventFormatter(json=False, journald=True, redactor=Redactor(), tag="web1-w0")
+    assert journald.format(record("hi", logging.WARNING)) == "<4>[web1-w0] hi"
+    as_json = EventFormatter(json=True, journald=False, redactor=Redactor(), tag="web1-w0")
+    assert orjson.loads(as_json.format(record("hi", logging.INFO)))["worker"] == "web1-w0"
+    # A reload reconfigures the log; the worker's tag stays.
+    stream = io.StringIO()
+    setup(LogConfig(), stream=stream, tag="web1-w1")
+    setup(LogConfig(level="info", format="json"))
+    logging.getLogger("phxbroker.test").info("after the reload")
+    assert orjson.loads(stream.getvalue().splitlines()[-1])["worker"] == "web1-w1"

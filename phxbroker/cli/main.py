@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import click
@@ -16,6 +17,8 @@ from phxbroker.cli.common import DEFAULT_CONFIG, OneSentenceGroup, config_option
 from phxbroker.config.settings import config_warnings, load_config, parse_listen
 from phxbroker.config.table import ConfigError
 from phxbroker.daemon.assembly import Daemon, StartupError, tune_garbage_collector
+from phxbroker.daemon.supervisor import Supervisor
+from phxbroker.daemon.worker import SupervisorLink, WorkerRole
 from phxbroker.ops import logs
 
 EXIT_BAD_CONFIG = 2  # also what click uses for bad usage; systemd shows it as INVALIDARGUMENT
@@ -32,7 +35,19 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--listen", metavar="HOST:PORT", help="Override [server] listen.")
-def serve(config_path: Path, listen: str | None) -> None:
+# How a supervisor starts its workers ([server] workers > 1): see daemon/supervisor.py.
+@click.option("--worker", "worker_index", type=int, hidden=True)
+@click.option("--worker-node", hidden=True)
+@click.option("--worker-link", type=int, hidden=True)
+@click.option("--worker-admin", hidden=True, default="")
+def serve(
+    config_path: Path,
+    listen: str | None,
+    worker_index: int | None,
+    worker_node: str | None,
+    worker_link: int | None,
+    worker_admin: str,
+) -> None:
     """Run the broker."""
     try:
         config = load_config(config_path)
@@ -44,14 +59,43 @@ def serve(config_path: Path, listen: str | None) -> None:
             listen_override = parse_listen(listen)
         except ValueError as exc:
             fail(f"--listen: {exc}", EXIT_BAD_CONFIG)
+    if worker_index is not None:
+        if worker_node is None or worker_link is None:
+            fail("--worker needs --worker-node and --worker-link", EXIT_BAD_CONFIG)
+        role = WorkerRole(
+            worker_index,
+            worker_node,
+            SupervisorLink(worker_link),
+            Path(worker_admin) if worker_admin else None,
+        )
+        logs.setup(config.log, secret_params=[config.auth.token_param], tag=worker_node)
+        log.info("worker %d starting (pid %d)", worker_index, os.getpid())
+        _run(Daemon(config, listen_override=listen_override, worker=role).serve)
+        return
     logs.setup(config.log, secret_params=[config.auth.token_param])
-    log.info("phxbroker %s starting (pid %d, config %s)", __version__, os.getpid(), config_path)
+    workers = config.server.workers
+    log.info(
+        "phxbroker %s starting (pid %d, config %s%s)",
+        __version__,
+        os.getpid(),
+        config_path,
+        f", {workers} workers" if workers > 1 else "",
+    )
     for warning in config_warnings(config):
         log.warning("%s: %s", config_path, warning)
-    daemon = Daemon(config, listen_override=listen_override)
+    if workers > 1:
+        supervisor = Supervisor(config, listen_override=listen_override)
+        sys.exit(_run(supervisor.run, tune=False))
+    _run(Daemon(config, listen_override=listen_override).serve)
+
+
+def _run(serve: Callable[[], Awaitable[int | None]], *, tune: bool = True) -> int:
+    """Run the daemon (or the supervisor) to its end; its exit status."""
+    code: int | None = 0
     try:
-        tune_garbage_collector()
-        trio.run(daemon.serve)
+        if tune:
+            tune_garbage_collector()
+        code = trio.run(serve)
     except StartupError as exc:
         fail(str(exc))
     except SystemExit:
@@ -61,6 +105,7 @@ def serve(config_path: Path, listen: str | None) -> None:
             log.critical("stopped by an internal error", exc_info=exc)
             sys.exit(1)
     log.info("stopped")
+    return code or 0
 
 
 def _only_interrupts(exc: BaseException) -> bool:

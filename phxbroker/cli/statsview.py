@@ -28,12 +28,16 @@ def totals(report: dict[str, Any]) -> dict[str, int]:
 
 def rates(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, float] | None:
     """Per-second rates between two reports of the same daemon, or None if there is no
-    time between them (or the daemon restarted in between)."""
+    time between them (or the daemon, or one of its workers, restarted in between)."""
     elapsed = current["uptime"] - previous["uptime"]
-    if elapsed <= 0 or current.get("pid") != previous.get("pid"):
+    if elapsed <= 0 or _pids(current) != _pids(previous):
         return None
     before, after = totals(previous), totals(current)
     return {f"{name}_per_s": (after[name] - before[name]) / elapsed for name in RATE_FIELDS}
+
+
+def _pids(report: dict[str, Any]) -> list[Any]:
+    return [report.get("pid"), *(w.get("pid") for w in report.get("workers", []))]
 
 
 def render(
@@ -43,9 +47,11 @@ def render(
     hint)."""
     c = report["counters"]
     rss = report.get("rss_bytes")
+    workers = report.get("workers")
+    pid = f"pid {report['pid']}" + (f", {len(workers)} workers" if workers else "")
     header = Text.assemble(
         ("phxbroker ", "bold"),
-        f"{report['version']} · pid {report['pid']} · up {format_duration(report['uptime'])}"
+        f"{report['version']} · {pid} · up {format_duration(report['uptime'])}"
         f" · memory {format_bytes(rss) if rss is not None else 'n/a'} · {source}",
     )
 
@@ -110,11 +116,34 @@ def render(
             t["topic"], f"{t['subscribers']:,}", f"{t['users']:,}", presences, f"{t['hits']:,}"
         )
     parts: list[RenderableType] = [header, Text(""), figures, Text(""), topics]
+    if workers:
+        parts += [Text(""), render_workers(workers)]
     if report.get("cluster"):
         parts += [Text(""), *render_cluster(report["cluster"])]
     if footer:
         parts += [Text(""), Text(footer, style="dim")]
     return Group(*parts)
+
+
+def render_workers(workers: list[dict[str, Any]]) -> Table:
+    """A row per worker of a supervisor ([server] workers)."""
+    table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    columns = ("worker", "node", "pid", "state", "connections", "channels", "users", "deliveries")
+    for column in (*columns, "restarts"):
+        table.add_column(column, justify="left" if column in columns[:4] else "right")
+    for w in workers:
+        table.add_row(
+            str(w.get("worker")),
+            str(w.get("node")),
+            str(w.get("pid") or ""),
+            str(w.get("state")),
+            f"{w.get('connections', 0):,}",
+            f"{w.get('channels', 0):,}",
+            f"{w.get('user_count', 0):,}",
+            f"{w.get('deliveries', 0):,}",
+            f"{w.get('restarts', 0):,}",
+        )
+    return table
 
 
 def render_cluster(cluster: dict[str, Any]) -> list[Text | Table]:

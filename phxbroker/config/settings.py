@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import ssl
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from phxbroker.auth import origin
 from phxbroker.auth.settings import AuthConfig, TokenEntry
 from phxbroker.broker.topics import JoinPolicy, TopicRule, parse_pattern
 from phxbroker.config import tls
+from phxbroker.config.cluster import MAX_NAME as MAX_NODE_NAME
 from phxbroker.config.cluster import ClusterConfig, parse_cluster
 from phxbroker.config.signed_tokens import parse_jwt, parse_phoenix_token, read_secret
 from phxbroker.config.table import ConfigError, Table, config_relative, read_toml
@@ -29,6 +31,7 @@ MAX_HOOK_TIMEOUT_MS = 8000  # well under phoenix.js's 10 s push and join timeout
 # systemd's RuntimeDirectory=phxbroker creates /run/phxbroker for the daemon's user.
 DEFAULT_ADMIN_SOCKET = "/run/phxbroker/admin.sock"
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
+MAX_WORKERS = 256
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -50,6 +53,9 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_header_size: int = 16_384
     drain_timeout: float = 10.0
+    # Processes serving the listen port (SO_REUSEPORT), each a node of the [cluster];
+    # above 1 a supervisor starts and watches them.
+    workers: int = 1
     host: str = "localhost"
     check_origin: origin.OriginPolicy = origin.CHECK_HOST
     tls_cert: str = ""
@@ -194,6 +200,7 @@ def parse_config(
     hooks = _parse_hooks(root.table("hooks")) if root.has("hooks") else None
     cluster = parse_cluster(root.table("cluster")) if root.has("cluster") else None
     root.done()
+    _check_workers(path, server, admin, cluster)
     if hooks is None:
         needing = [r for r in topics if r.join.kind == "hook" or r.hook_events]
         if needing:
@@ -235,6 +242,41 @@ def parse_config(
     )
 
 
+def worker_suffix(index: int) -> str:
+    """What a worker adds to the node name and to the admin socket path: "-w0", ".w0"."""
+    return f"w{index}"
+
+
+def _check_workers(
+    path: str | Path, server: ServerConfig, admin: AdminConfig, cluster: ClusterConfig | None
+) -> None:
+    """Workers are cluster nodes, named after `[cluster] node`, each with a control socket
+    beside the admin socket."""
+    if server.workers == 1:
+        return
+    if cluster is None:
+        raise ConfigError(
+            path,
+            "server.workers",
+            f"{server.workers} workers share broadcasts, presence and kicks through Redis: "
+            "add a [cluster] section (redis_url) or set workers = 1",
+        )
+    last = worker_suffix(server.workers - 1)
+    if len(f"{cluster.node}-{last}".encode()) > MAX_NODE_NAME:
+        raise ConfigError(
+            path,
+            "cluster.node",
+            f"must leave room for the worker suffix (-{last}): at most "
+            f"{MAX_NODE_NAME - len(last) - 1} bytes with workers = {server.workers}",
+        )
+    if admin.socket is not None and len(f"{admin.socket}.{last}".encode()) > MAX_UNIX_PATH:
+        raise ConfigError(
+            path,
+            "admin.socket",
+            f"the path with the worker suffix (.{last}) is longer than {MAX_UNIX_PATH} bytes",
+        )
+
+
 def _read_tokens_file(tokens_file: Path, config_path: str | Path) -> dict[str, Any]:
     """The tokens file's document. A file that is missing or unreadable is the main
     config's mistake (its auth.tokens_file key); mistakes inside it name that file."""
@@ -252,6 +294,20 @@ def _read_tokens_file(tokens_file: Path, config_path: str | Path) -> dict[str, A
 def config_warnings(config: Config) -> list[str]:
     """What a config that loads may still get wrong: one sentence each."""
     found = []
+    workers = config.server.workers
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        found.append(
+            f"[server] workers = {workers} on a machine with {cores} cores: workers beyond "
+            "one per core only add overhead"
+        )
+    if workers > 1 and config.longpoll.enabled:
+        found.append(
+            f"[server] workers = {workers} with [longpoll] enabled: a long-poll session lives "
+            "in one worker and its next request may reach another, which starts the client "
+            "over with a new session; serve websockets only ([longpoll] enabled = false) or "
+            "run one worker"
+        )
     if not config.topics:
         found.append('no [[topics]]: every join is refused with "unmatched topic"')
     auth = config.auth
@@ -317,10 +373,13 @@ def _parse_server(t: Table) -> ServerConfig:
         check_origin=_check_origin(t),
         trusted_proxies=_trusted_proxies(t),
         drain_timeout=t.number("drain_timeout", d.drain_timeout, minimum=0),
+        workers=t.integer("workers", d.workers, minimum=1),
         **_tls(t),
     )
     if not cfg.host:
         raise t.error("host", "must not be empty")
+    if cfg.workers > MAX_WORKERS:
+        raise t.error("workers", f"must be at most {MAX_WORKERS}")
     t.done()
     return cfg
 

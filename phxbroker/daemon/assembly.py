@@ -24,10 +24,11 @@ from phxbroker.auth.authenticator import Authenticator
 from phxbroker.auth.bans import Bans
 from phxbroker.broker.core import Broker
 from phxbroker.broker.stats import Stats
-from phxbroker.config.settings import Config, load_config
+from phxbroker.config.settings import AdminConfig, Config, load_config
 from phxbroker.config.table import ConfigError
 from phxbroker.daemon.operations import Operations
 from phxbroker.daemon.runtime import BrokerTask
+from phxbroker.daemon.worker import WorkerRole
 from phxbroker.hooks.runner import HookRunner
 from phxbroker.ops import logs, notify
 from phxbroker.ops.api import PREFIX as API_PREFIX
@@ -69,13 +70,21 @@ class Daemon:
         listen_override: tuple[str, int] | None = None,
         notifier: Notifier | None = None,
         node: str | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         # A listen address given on the command line outlives config reloads.
         self._listen_override = listen_override
+        # A worker listens beside the others, tells its supervisor (never systemd) and
+        # has its own control socket and node name.
+        self.worker = worker
         config = self._with_overrides(config)
         self.config = config
-        self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.stats = stats = Stats()
+        if worker is not None:
+            notifier = worker.link
+            worker.link.connections = lambda: stats.connections_open
+            node = worker.node
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
         # Bans outlive reloads: the authenticator is rebuilt, bans are kept.
         self.bans = Bans() if config.cluster is None else _shared_bans()
         self.hub = hub = SocketHub(stats, config.server, config.limits)
@@ -148,10 +157,15 @@ class Daemon:
         self.reload_error: str | None = None  # why the last reload was refused
         self._status_note = ""
         self._stop_requested = False
+        self._signalled = False  # SIGTERM or SIGINT received (a second one hurries)
         self._drain_scope: trio.CancelScope | None = None
         self._hurried = False
 
     def _with_overrides(self, config: Config) -> Config:
+        if self.worker is not None:
+            socket = self.worker.admin_socket
+            admin = AdminConfig(socket=socket, mode=config.admin.mode, configured=True)
+            config = replace(config, admin=admin)
         if self._listen_override is None:
             return config
         host, port = self._listen_override
@@ -166,7 +180,7 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and serve until cancelled; SIGTERM/SIGINT end it cleanly."""
-        self.listen_address = self.listener.bind()
+        self.listen_address = self.listener.bind(reuse_port=self.worker is not None)
         control = None
         try:
             try:
@@ -187,7 +201,9 @@ class Daemon:
                 nursery.start_soon(self._sweep)
                 # Handlers are in place before "listening" is logged: a signal sent as
                 # soon as the daemon says it is up must not hit the default action.
-                await nursery.start(self._handle_signals, nursery)
+                await nursery.start(self._handle_signals)
+                if self.worker is not None:
+                    nursery.start_soon(self.worker.link.follow, self)
                 nursery.start_soon(self.listener.accept, nursery)
                 nursery.start_soon(
                     lambda: notify.keep_informed(
@@ -221,10 +237,7 @@ class Daemon:
             hub.flush()
 
     async def _handle_signals(
-        self,
-        nursery: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
@@ -235,13 +248,25 @@ class Daemon:
                         log.info("ignoring SIGHUP: shutting down")
                     else:
                         await self.reload()
-                elif not self._stop_requested:
-                    self._stop_requested = True
-                    log.info("received %s: shutting down (send it again to stop at once)", name)
-                    nursery.start_soon(self._drain_and_stop, nursery)
+                elif not self._signalled:
+                    # Only a second signal hurries: a worker may be draining already at
+                    # its supervisor's request when the signal sent to them all arrives.
+                    self._signalled = True
+                    hint = "send it again to stop at once"
+                    if not self.request_stop(f"received {name}", hint):
+                        log.info("received %s: draining already (%s)", name, hint)
                 else:
                     log.warning("received %s again: stopping without waiting", name)
                     self.hurry()
+
+    def request_stop(self, why: str, hint: str = "") -> bool:
+        """Drain and stop; False when that was asked before (nothing changes)."""
+        if self._stop_requested or self._nursery is None:
+            return False
+        self._stop_requested = True
+        log.info("%s: shutting down%s", why, f" ({hint})" if hint else "")
+        self._nursery.start_soon(self._drain_and_stop, self._nursery)
+        return True
 
     async def _drain_and_stop(self, nursery: trio.Nursery) -> None:
         try:

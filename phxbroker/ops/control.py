@@ -70,17 +70,18 @@ class Operator(Protocol):
         ...
 
 
-class ControlSocket:
-    """The listening admin socket and the commands it serves."""
+class ControlServer:
+    """A listening admin socket: who may connect, and one answer line per request line.
+    `ControlSocket` runs the commands in this process; a supervisor of workers answers
+    them by asking its workers."""
 
-    def __init__(self, operator: Operator, sock: socket.socket, path: Path) -> None:
-        self.operator = operator
+    def __init__(self, sock: socket.socket, path: Path) -> None:
         self.path = path
         self._sock = sock
         self._inode = os.stat(path).st_ino
 
-    @classmethod
-    def open(cls, cfg: AdminConfig, operator: Operator) -> ControlSocket | None:
+    @staticmethod
+    def bind(cfg: AdminConfig) -> tuple[socket.socket, Path] | None:
         """Bind the socket [admin] names; None when there is none.
 
         A configured path that cannot be used raises ControlSocketError; the default path
@@ -96,7 +97,7 @@ class ControlSocket:
                 raise
             log.warning("no admin control socket, so the CLI cannot reach this daemon: %s", exc)
             return None
-        return cls(operator, sock, cfg.socket)
+        return sock, cfg.socket
 
     def close(self) -> None:
         """Stop listening and remove the socket file (unless another daemon replaced it)."""
@@ -109,6 +110,10 @@ class ControlSocket:
         log.info("admin control socket at %s", self.path)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         await trio.serve_listeners(self._serve_client, [listener])
+
+    async def answer(self, line: bytes) -> bytes:
+        """The response line for one request line."""
+        raise NotImplementedError
 
     # -- one client ----------------------------------------------------------------------
 
@@ -151,6 +156,20 @@ class ControlSocket:
                 return
             for line in requests:
                 await stream.send_all(await self.answer(line))
+
+
+class ControlSocket(ControlServer):
+    """The admin socket of a daemon, running each command through its `Operator`."""
+
+    def __init__(self, operator: Operator, sock: socket.socket, path: Path) -> None:
+        super().__init__(sock, path)
+        self.operator = operator
+
+    @classmethod
+    def open(cls, cfg: AdminConfig, operator: Operator) -> ControlSocket | None:
+        """Bind the socket [admin] names (see `ControlServer.bind`); None when there is none."""
+        bound = cls.bind(cfg)
+        return None if bound is None else cls(operator, *bound)
 
     async def answer(self, line: bytes) -> bytes:
         """The response line for one request line."""

@@ -9,6 +9,10 @@ Three shapes, chosen by `[log] format` and by where stderr goes:
 - JSON: one object per line, `{"time", "level", "logger", "message"}` (plus `"exc"`), with
   the same `<N>` prefix under journald.
 
+A worker (`[server] workers`) tags each of its lines with its node name, so that the lines
+of workers sharing one stderr tell who wrote them: `phxbroker.activity[web1-w0]: ...` in
+text, `[web1-w0] ...` under journald, `"worker": "web1-w0"` in JSON.
+
 Every line passes through `Redactor` first: whatever a message carries from the outside
 (a request line in an HTTP error, a query string) has secret-looking values replaced, and
 control characters are escaped so that one event is always one line.
@@ -89,11 +93,12 @@ class Redactor:
 class EventFormatter(logging.Formatter):
     """Formats one record as one line (text or JSON), redacted, journald-aware."""
 
-    def __init__(self, *, json: bool, journald: bool, redactor: Redactor) -> None:
+    def __init__(self, *, json: bool, journald: bool, redactor: Redactor, tag: str = "") -> None:
         super().__init__()
         self.json = json
         self.journald = journald
         self.redactor = redactor
+        self.tag = tag
 
     def format(self, record: logging.LogRecord) -> str:
         message = escape_control(self.redactor(record.getMessage()))
@@ -106,13 +111,18 @@ class EventFormatter(logging.Formatter):
                 "logger": record.name,
                 "message": message,
             }
+            if self.tag:
+                event["worker"] = self.tag
             if exc:
                 event["exc"] = exc
             return prefix + orjson.dumps(event).decode()
         if self.journald:
             # journald makes every line its own entry: a traceback keeps the record's level.
+            if self.tag:
+                prefix += f"[{self.tag}] "
             return "\n".join(prefix + line for line in [message, *exc.splitlines()])
-        line = f"{_timestamp(record.created)} {record.levelname} {record.name}: {message}"
+        name = f"{record.name}[{self.tag}]" if self.tag else record.name
+        line = f"{_timestamp(record.created)} {record.levelname} {name}: {message}"
         return f"{line}\n{exc}" if exc else line
 
 
@@ -141,6 +151,8 @@ def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The daemon's one handler on the root logger (a marker type, so setup can find it)."""
 
+    tag = ""  # the worker's name, kept across reloads
+
 
 def setup(
     config: LogConfig,
@@ -148,8 +160,10 @@ def setup(
     secret_params: Iterable[str] = (),
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    tag: str | None = None,
 ) -> None:
-    """Send every log record to `stream` (stderr) in the configured shape and level.
+    """Send every log record to `stream` (stderr) in the configured shape and level, each
+    line tagged with `tag` when given (a worker's name).
 
     Calling it again (on reload) swaps level, format and redacted names in place.
     """
@@ -160,11 +174,14 @@ def setup(
             root.removeHandler(old)
         handler = _Handler(stream or sys.stderr)
         root.addHandler(handler)
+    if tag is not None:
+        handler.tag = tag
     handler.setFormatter(
         EventFormatter(
             json=config.format == "json",
             journald=writes_to_journal(handler.stream, environ),
             redactor=Redactor(secret_params),
+            tag=handler.tag,
         )
     )
     root.setLevel(getattr(logging, config.level.upper()))

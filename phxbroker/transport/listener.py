@@ -59,13 +59,17 @@ class Listener:
         """Serve new connections with a (reloaded) config; the bound address stays."""
         self.config = config
 
-    def bind(self) -> tuple[str, int]:
-        """Bind and listen (non-blocking); raises StartupError with one sentence."""
+    def bind(self, *, reuse_port: bool = False) -> tuple[str, int]:
+        """Bind and listen (non-blocking); raises StartupError with one sentence. With
+        `reuse_port` (workers) other processes of this user may listen on the same port,
+        and the kernel spreads new connections over them."""
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((cfg.listen_host, cfg.listen_port))
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
