@@ -19,7 +19,7 @@ from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import ServerConfig
 from phxbroker.transport.admission import Admission, client_address
 from phxbroker.transport.http import BadRequest, HttpConnection
-from phxbroker.transport.router import Router
+from phxbroker.transport.router import Router, Takeover
 from phxbroker.transport.sockets import ClientSocket, close_socket
 from phxbroker.transport.tls import TlsHandshakeError, TlsSocket
 
@@ -129,12 +129,14 @@ class Listener:
         connections.opened(counted[0])
         try:
             context = self.config.tls_context
-            if context is None:
-                await self._serve_http(sock, remote, counted)
-            else:
-                tls_sock = TlsSocket(sock, context)
-                if await self._tls_handshake(tls_sock, remote):
-                    await self._serve_http(tls_sock, remote, counted)
+            client: ClientSocket = sock
+            if context is not None:
+                client = tls_sock = TlsSocket(sock, context)
+                if not await self._tls_handshake(tls_sock, remote):
+                    return
+            takeover = await self._serve_http(client, remote, counted)
+            if takeover is not None:
+                await takeover()
         except OSError:
             pass  # the client went away mid-request
         except Exception:
@@ -155,8 +157,11 @@ class Listener:
             return False
         return True
 
-    async def _serve_http(self, sock: ClientSocket, remote: str, counted: list[str]) -> None:
-        """Answer requests until the connection closes or is upgraded."""
+    async def _serve_http(
+        self, sock: ClientSocket, remote: str, counted: list[str]
+    ) -> Takeover | None:
+        """Answer requests until the connection closes (None) or is taken over: then what it
+        becomes, to be run after this returns and the HTTP objects are gone."""
         cfg = self.config
         conn = HttpConnection(
             sock, remote, max_header_size=cfg.max_header_size, timeout=cfg.handshake_timeout
@@ -165,14 +170,18 @@ class Listener:
             while True:
                 request = await conn.read_request()
                 if request is None:
-                    return
+                    return None
                 self.admission.attribute(request, counted)
-                if await self.router.dispatch(conn, request) or not await conn.finish_request():
-                    return
+                takeover = await self.router.dispatch(conn, request)
+                if takeover is not None:
+                    return takeover
+                if not await conn.finish_request():
+                    return None
         except BadRequest as exc:
             self.stats.count_refusal("bad_http")
             http_log.info("bad HTTP request from %s: %s", remote, exc)
             await conn.send_error(exc)
+            return None
 
 
 def format_address(addr: object) -> str:
