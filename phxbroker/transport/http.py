@@ -23,7 +23,7 @@ import h11
 import httptools
 import trio
 
-from phxbroker.transport.sockets import ClientSocket, recv_some, send_all
+from phxbroker.transport.sockets import RECV_SIZE, ClientSocket, recv_some, send_all
 
 REASONS = {
     101: b"Switching Protocols",
@@ -212,18 +212,26 @@ class HttpConnection:
         """Read the first request head; if it is a websocket upgrade httptools can take,
         that request. Otherwise None, with h11 set up and fed every byte read (and the end
         of the stream, if it came), to go on from there."""
-        data = b""
-        closed = False
-        with trio.move_on_at(deadline):
-            while not _HEAD_END.search(data) and len(data) <= self.max_header_size:
-                try:
-                    chunk = await recv_some(self.sock)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    closed = True
-                    break
-                data += chunk
+        # The request is usually there by the time the connection's task runs: a deadline
+        # (a cancel scope, costly next to the rest) is set up only if it has to be waited for.
+        try:
+            data = self.sock.recv(RECV_SIZE)
+            closed = not data
+        except BlockingIOError:
+            data, closed = b"", False
+        except OSError:
+            data, closed = b"", True
+        if not closed and not _HEAD_END.search(data) and len(data) <= self.max_header_size:
+            with trio.move_on_at(deadline):
+                while not _HEAD_END.search(data) and len(data) <= self.max_header_size:
+                    try:
+                        chunk = await recv_some(self.sock)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        closed = True
+                        break
+                    data += chunk
         if not closed:
             request = self._upgrade_request(data)
             if request is not None:
