@@ -136,7 +136,7 @@ class Listener:
                     return
             takeover = await self._serve_http(client, remote, counted)
             if takeover is not None:
-                await takeover()
+                await takeover
         except OSError:
             pass  # the client went away mid-request
         except Exception:

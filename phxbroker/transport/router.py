@@ -9,15 +9,17 @@ a prefix handler that answers its own 404 and 405 (`/api/`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from phxbroker.transport.admission import Admission
 from phxbroker.transport.http import HttpConnection, Request
 
 # What a handler that took the connection over (a websocket upgrade) returns: the
-# connection's life after HTTP, which the listener runs once the HTTP phase has ended, so
-# that nothing of it (parser, request, buffers) is kept for as long as the client stays.
-Takeover = Callable[[], Awaitable[None]]
+# connection's life after HTTP as a coroutine not yet started, which the listener awaits
+# once the HTTP phase has ended, so that nothing of it (parser, request, buffers) is kept
+# for as long as the client stays.
+Takeover = Coroutine[Any, Any, None]
 
 # A handler reads the request's body and responds itself; it returns a Takeover only when
 # it took the connection over, else None.

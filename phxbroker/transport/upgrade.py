@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import itertools
 import json
 
@@ -82,7 +81,7 @@ class WebSocketUpgrade:
             credential=admitted.identity.credential,
         )
         trailing = await conn.switch_protocols(headers)
-        return functools.partial(self.websockets.run, peer, trailing)
+        return peer.run(self.websockets, trailing)
 
 
 def _subprotocol(request: Request) -> tuple[str | None, str | None]:

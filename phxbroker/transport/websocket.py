@@ -44,6 +44,7 @@ class WebSocketPeer:
         "closing_since",
         "credential",
         "dirty",
+        "fragments",
         "hub",
         "id",
         "last_rx",
@@ -77,6 +78,7 @@ class WebSocketPeer:
         self.channels: dict[str, Channel] = {}
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.fragments: list[Any] | None = None  # the frames of a message still arriving
         self.dirty = False
         self.blocked = False
         self.state = OPEN
@@ -202,16 +204,24 @@ class WebSocketPeer:
         self.hub.stats.messages_in += 1  # the broker counts the messages it handles itself
         self.send(self.serializer.encode_reply(None, ref, HEARTBEAT_TOPIC, "ok", {}))
 
-    async def run(self, inbound: Inbound, trailing_data: bytes = b"") -> None:
-        """Read until the connection ends; client messages go to the broker in order."""
+    async def run(self, websockets: WebSockets, trailing_data: bytes = b"") -> None:
+        """Serve the connection until it ends: registered with the broker, its messages
+        read and handed on in order. One coroutine for the whole session, as a client may
+        idle in it for days."""
+        websockets.opened(self)
+        try:
+            await websockets.register(self)
+            await self._read(websockets.inbound, trailing_data)
+        finally:
+            websockets.closed(self)
+
+    async def _read(self, inbound: Inbound, data: bytes) -> None:
         # wsproto's frame layer, without its Connection wrapper: that adds only a state
         # this loop keeps itself and an event queue (0.8 KiB per idle connection).
         frames: FrameProtocol | None = FrameProtocol(client=False, extensions=[])
-        message: list[Any] = []  # the frames of a fragmented message so far
         hub = self.hub
         stats = hub.stats
         sock = self.sock
-        data = trailing_data
         # Once a read of a plain socket came back short, nothing is left in it, so the next
         # read waits for the socket first instead of failing with EAGAIN. A TLS socket may
         # hold decrypted bytes its descriptor says nothing of: it is always read first. The
@@ -222,7 +232,7 @@ class WebSocketPeer:
             if data:
                 self.last_rx = hub.now
                 stats.bytes_in += len(data)
-                if frames is not None and not await self._receive(frames, data, message, inbound):
+                if frames is not None and not await self._receive(frames, data, inbound):
                     frames = None  # the client closed or broke the protocol: read no more
                 if self.dirty:
                     self.flush()
@@ -243,9 +253,7 @@ class WebSocketPeer:
                 return
             drained = plain and len(data) < RECV_SIZE
 
-    async def _receive(
-        self, frames: FrameProtocol, data: bytes, message: list[Any], inbound: Inbound
-    ) -> bool:
+    async def _receive(self, frames: FrameProtocol, data: bytes, inbound: Inbound) -> bool:
         """Parse what was read and handle each complete message, in order; False once a
         close frame came or the client broke the protocol (then nothing after is read)."""
         frames.receive_bytes(data)
@@ -256,21 +264,24 @@ class WebSocketPeer:
                 if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                     if self.state != OPEN:
                         continue
-                    size = len(frame.payload) + sum(map(len, message))
+                    fragments = self.fragments
+                    size = len(frame.payload) + (sum(map(len, fragments)) if fragments else 0)
                     if size > limit:
                         self.hub.stats.count_refusal("message_too_big")
                         log.info("closing %s: message larger than %d bytes", self, limit)
                         self.close(close_codes.MESSAGE_TOO_BIG, "message too big")
-                        message.clear()
+                        self.fragments = None
                         continue
                     if not frame.message_finished:
-                        message.append(frame.payload)
+                        if fragments is None:
+                            fragments = self.fragments = []
+                        fragments.append(frame.payload)
                         continue
                     payload: Any = frame.payload
-                    if message:
-                        message.append(payload)
-                        payload = type(payload)().join(message)
-                        message.clear()
+                    if fragments:
+                        fragments.append(payload)
+                        payload = type(payload)().join(fragments)
+                        self.fragments = None
                     await self._on_message(payload, inbound)
                 elif opcode is Opcode.PING:
                     self._write(encode_frame(OP_PONG, cast(bytes, frame.payload)))
@@ -321,8 +332,8 @@ class WebSockets:
         self.draining = False  # set once shutdown began: newcomers are sent away at once
         self._all_closed = trio.Event()
 
-    async def run(self, peer: WebSocketPeer, trailing_data: bytes) -> None:
-        """Serve an upgraded connection until it ends, registered with the broker."""
+    def opened(self, peer: WebSocketPeer) -> None:
+        """An upgraded connection starts (`closed` follows, whatever happens next)."""
         stats = self.hub.stats
         stats.connections_total += 1
         stats.connections_open += 1
@@ -330,17 +341,20 @@ class WebSockets:
         log.debug("connected %s", peer)
         if self.draining:  # upgraded after the drain began: send it elsewhere at once
             peer.close(close_codes.GOING_AWAY, "server shutting down")
-        try:
-            await self.gateway.tell(self.broker.connect, peer)
-            await peer.run(self.inbound, trailing_data)
-        finally:
-            self.live.discard(peer)
-            if not self.live:
-                self._all_closed.set()
-            stats.connections_open -= 1
-            self.gateway.tell_soon(self.broker.disconnect, peer)
-            peer.finish()
-            log.debug("disconnected %s", peer)
+
+    async def register(self, peer: WebSocketPeer) -> None:
+        """Make an opened connection a broker peer (before any of its messages)."""
+        await self.gateway.tell(self.broker.connect, peer)
+
+    def closed(self, peer: WebSocketPeer) -> None:
+        """A connection that `opened` has ended: forget it and release its socket."""
+        self.live.discard(peer)
+        if not self.live:
+            self._all_closed.set()
+        self.hub.stats.connections_open -= 1
+        self.gateway.tell_soon(self.broker.disconnect, peer)
+        peer.finish()
+        log.debug("disconnected %s", peer)
 
     def sweep(self, now: float, idle_after: float, closing_grace: float) -> None:
         """Close clients silent for `idle_after` seconds (1002, as Bandit), and cut those
