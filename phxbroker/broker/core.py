@@ -419,13 +419,15 @@ class Broker:
         topic.subscribers[peer] = channel
         self.stats.joins += 1
 
-        variables = {
-            "topic": name,
-            "suffix": captures.get("suffix", ""),
-            "user": peer.user or "",
-            **captures,
-        }
-        response = render_template(rule.join_reply, variables) if rule.join_reply else {}
+        response: Any = {}
+        if rule.join_reply:
+            variables = {
+                "topic": name,
+                "suffix": captures.get("suffix", ""),
+                "user": peer.user or "",
+                **captures,
+            }
+            response = render_template(rule.join_reply, variables)
         self._send(peer, s.encode_reply, msg.join_ref, msg.ref, name, "ok", response)
         if old is not None:
             self._tell_ended(peer, old, messages.PHX_CLOSE)

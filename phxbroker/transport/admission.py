@@ -26,6 +26,7 @@ log = logging.getLogger("phxbroker.limits")
 refusals_log = logging.getLogger("phxbroker.http")
 
 RATE_LIMITED = {"reason": "rate limited"}  # the error reply to a message over the rate
+MAX_REMEMBERED_VERSIONS = 64
 
 
 def client_address(remote: str) -> str:
@@ -158,6 +159,7 @@ class Admission:
     ) -> None:
         self.stats = stats
         self.connections = ConnectionCounter()  # TCP connections on the listen port
+        self._serializers: dict[str | None, Serializer | None] = {}  # by `vsn` param
         self.configure(authenticator, server, limits)
 
     def configure(
@@ -190,7 +192,15 @@ class Admission:
     def admit(self, params: dict[str, str], header_token: str | None = None) -> Admitted:
         """The serializer the `vsn` param asks for and the client's identity; raises
         Refusal (403) for an unsupported version or a refused credential."""
-        serializer = serializer_for(params.get("vsn"))
+        vsn = params.get("vsn")
+        try:
+            serializer = self._serializers[vsn]
+        except KeyError:
+            serializer = serializer_for(vsn)
+            # Clients send a handful of versions; what they send is remembered, up to a
+            # bound, so a client making up versions cannot grow the table.
+            if len(self._serializers) < MAX_REMEMBERED_VERSIONS:
+                self._serializers[vsn] = serializer
         if serializer is None:
             raise Refusal(403, "bad_vsn", f"unsupported vsn {params.get('vsn')!r}")
         try:
