@@ -220,18 +220,18 @@ FIGURES = [
     ),
     Figure(
         "RSS per joined idle connection",
-        "≤ 12 KiB",
+        "≤ 8 KiB",
         "idle",
         "rss_per_conn_kib",
-        lambda v: v <= 12,
+        lambda v: v <= 8,
         " KiB",
     ),
     Figure(
         "server CPU per connect + upgrade + join",
-        "≤ 300 µs",
+        "≤ 150 µs",
         "idle",
         "server_cpu_per_join_us",
-        lambda v: v <= 300,
+        lambda v: v <= 150,
         " µs",
     ),
     Figure(
