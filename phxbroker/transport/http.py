@@ -15,7 +15,6 @@ bytes. Everything else goes through h11 from its first byte, as before.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -88,29 +87,40 @@ _SWITCHING = b"HTTP/1.1 101 " + REASONS[101] + b"\r\n"
 
 
 class _UpgradeHead:
-    """httptools' callbacks for one request head: its target and its header lines."""
+    """httptools' callbacks for one request head: its target, and its headers as `Request`
+    holds them, with what the fast path must know of them."""
 
-    __slots__ = ("headers", "url")
+    __slots__ = ("body", "headers", "hosts", "size", "url")
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[str, str] = {}
+        self.size = 0  # as h11's path measures a head: target and header lines
+        self.hosts = 0
+        self.body = False  # a header that announces a body
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-
-def _request(
-    method: str, target: str, lines: Iterable[tuple[bytes, bytes]], remote: str
-) -> Request:
-    headers: dict[str, str] = {}
-    for name, value in lines:
+        value = value.strip(
+            b" \t"
+        )  # h11 drops the whitespace around a value; llhttp keeps trailing
+        self.size += len(name) + len(value) + 4
+        # llhttp takes only token characters in a header name: it is ASCII.
         key = name.decode("ascii").lower()
-        text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if key == "host":
+            self.hosts += 1
+        elif key == "content-length" or key == "transfer-encoding":
+            self.body = True
+        _add_header(self.headers, key, value.decode("latin-1"))
+
+
+def _add_header(headers: dict[str, str], key: str, text: str) -> None:
+    headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+
+def _request(method: str, target: str, headers: dict[str, str], remote: str) -> Request:
     parts = urlsplit(target)
     return Request(
         method=method,
@@ -198,10 +208,13 @@ class HttpConnection:
             head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
             if head_size > self.max_header_size:
                 raise BadRequest(431, f"request head larger than {self.max_header_size} bytes")
+            headers: dict[str, str] = {}
+            for name, value in event.headers:
+                _add_header(headers, name.decode("ascii").lower(), value.decode("latin-1"))
             return _request(
                 event.method.decode("ascii"),
                 event.target.decode("ascii", "replace"),
-                event.headers,
+                headers,
                 self.remote,
             )
         if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
@@ -271,22 +284,15 @@ class HttpConnection:
             return None
         if not _TARGET.fullmatch(parsed.url):
             return None
-        lines = [(name, value.strip(b" \t")) for name, value in parsed.headers]
-        hosts = 0
-        for name, _ in lines:
-            key = name.lower()
-            if key == b"host":
-                hosts += 1
-            elif key == b"content-length" or key == b"transfer-encoding":
-                return None  # a body: h11 reads it
-        if hosts != 1:
+        if parsed.body:
+            return None  # h11 reads the body
+        if parsed.hosts != 1:
             return None  # h11 refuses a request with no Host or several
-        head_size = len(parsed.url) + sum(len(n) + len(v) + 4 for n, v in lines)
-        if head_size > self.max_header_size:
+        if len(parsed.url) + parsed.size > self.max_header_size:
             return None  # h11's path refuses it (431)
         self._received = data
         self._head_end = head_end
-        return _request("GET", parsed.url.decode("ascii"), lines, self.remote)
+        return _request("GET", parsed.url.decode("ascii"), parsed.headers, self.remote)
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         """The request body, refusing more than `limit` bytes (413)."""
