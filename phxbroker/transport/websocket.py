@@ -241,6 +241,10 @@ class WebSocketPeer:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
+            elif data:
+                # About to read again without waiting: let the other tasks run first, so
+                # that a client keeping its socket full cannot hold the event loop.
+                await trio.lowlevel.checkpoint()
             try:
                 data = sock.recv(RECV_SIZE)
             except BlockingIOError:
@@ -345,6 +349,10 @@ class WebSockets:
     async def register(self, peer: WebSocketPeer) -> None:
         """Make an opened connection a broker peer (before any of its messages)."""
         await self.gateway.tell(self.broker.connect, peer)
+        # One turn of the event loop before the first read: the client, which has just
+        # got its 101, has usually sent its first message by then, so the read finds it
+        # instead of waiting for the socket (a registration with epoll, far dearer).
+        await trio.lowlevel.checkpoint()
 
     def closed(self, peer: WebSocketPeer) -> None:
         """A connection that `opened` has ended: forget it and release its socket."""
