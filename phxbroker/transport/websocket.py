@@ -211,51 +211,50 @@ class WebSocketPeer:
         websockets.opened(self)
         try:
             await websockets.register(self)
-            await self._read(websockets.inbound, trailing_data)
+            inbound = websockets.inbound
+            data = trailing_data
+            # wsproto's frame layer, without its Connection wrapper: that adds only a state
+            # this loop keeps itself and an event queue (0.8 KiB per idle connection).
+            frames: FrameProtocol | None = FrameProtocol(client=False, extensions=[])
+            hub = self.hub
+            stats = hub.stats
+            sock = self.sock
+            # Once a read of a plain socket came back short, nothing is left in it, so the next
+            # read waits for the socket first instead of failing with EAGAIN. A TLS socket may
+            # hold decrypted bytes its descriptor says nothing of: it is always read first. The
+            # first read is tried at once: the client has usually answered the 101 by then.
+            plain = isinstance(sock, socket.socket)
+            drained = False
+            while True:
+                if data:
+                    self.last_rx = hub.now
+                    stats.bytes_in += len(data)
+                    if frames is not None and not await self._receive(frames, data, inbound):
+                        frames = None  # the client closed or broke the protocol: read no more
+                    if self.dirty:
+                        self.flush()
+                if drained:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except trio.ClosedResourceError:
+                        return
+                elif data:
+                    # About to read again without waiting: let the other tasks run first, so
+                    # that a client keeping its socket full cannot hold the event loop.
+                    await trio.lowlevel.checkpoint()
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    data = b""
+                    drained = True
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                drained = plain and len(data) < RECV_SIZE
         finally:
             websockets.closed(self)
-
-    async def _read(self, inbound: Inbound, data: bytes) -> None:
-        # wsproto's frame layer, without its Connection wrapper: that adds only a state
-        # this loop keeps itself and an event queue (0.8 KiB per idle connection).
-        frames: FrameProtocol | None = FrameProtocol(client=False, extensions=[])
-        hub = self.hub
-        stats = hub.stats
-        sock = self.sock
-        # Once a read of a plain socket came back short, nothing is left in it, so the next
-        # read waits for the socket first instead of failing with EAGAIN. A TLS socket may
-        # hold decrypted bytes its descriptor says nothing of: it is always read first. The
-        # first read is tried at once: the client has usually answered the 101 by then.
-        plain = isinstance(sock, socket.socket)
-        drained = False
-        while True:
-            if data:
-                self.last_rx = hub.now
-                stats.bytes_in += len(data)
-                if frames is not None and not await self._receive(frames, data, inbound):
-                    frames = None  # the client closed or broke the protocol: read no more
-                if self.dirty:
-                    self.flush()
-            if drained:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    return
-            elif data:
-                # About to read again without waiting: let the other tasks run first, so
-                # that a client keeping its socket full cannot hold the event loop.
-                await trio.lowlevel.checkpoint()
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                data = b""
-                drained = True
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            drained = plain and len(data) < RECV_SIZE
 
     async def _receive(self, frames: FrameProtocol, data: bytes, inbound: Inbound) -> bool:
         """Parse what was read and handle each complete message, in order; False once a
@@ -286,7 +285,15 @@ class WebSocketPeer:
                         fragments.append(payload)
                         payload = type(payload)().join(fragments)
                         self.fragments = None
-                    await self._on_message(payload, inbound)
+                    try:
+                        if isinstance(payload, str):
+                            msg = inbound.decode(self, payload)
+                        else:
+                            msg = inbound.decode_binary(self, payload)
+                    except ProtocolError:
+                        self.close(close_codes.INTERNAL_ERROR)
+                        continue
+                    await inbound.forward(self, msg)
                 elif opcode is Opcode.PING:
                     self._write(encode_frame(OP_PONG, cast(bytes, frame.payload)))
                 elif opcode is Opcode.CLOSE:
@@ -303,17 +310,6 @@ class WebSocketPeer:
         with our close frame, unless we are closing already."""
         if self.state == OPEN:
             self.close(code if code in close_codes.SENDABLE else close_codes.NORMAL)
-
-    async def _on_message(self, payload: str | bytes, inbound: Inbound) -> None:
-        try:
-            if isinstance(payload, str):
-                msg = inbound.decode(self, payload)
-            else:
-                msg = inbound.decode_binary(self, payload)
-        except ProtocolError:
-            self.close(close_codes.INTERNAL_ERROR)
-            return
-        await inbound.forward(self, msg)
 
     def finish(self) -> None:
         """Release the socket once the read loop has ended."""
