@@ -385,6 +385,13 @@ ABLATIONS = [
         CONNECT,
     ),
     Ablation(
+        "tell-without-yield",
+        "a client's message is queued for the broker without a scheduler turn of its own",
+        "a scheduler turn (a memory channel's send) for every message queued",
+        "tell-yields.patch",
+        CONNECT,
+    ),
+    Ablation(
         "connect-extras",
         "one shared anonymous identity, remembered vsn versions, no unused join "
         "template variables, TCP_NODELAY inherited from the listener",
