@@ -389,7 +389,7 @@ ABLATIONS = [
         "a client's message is queued for the broker without a scheduler turn of its own",
         "a scheduler turn (a memory channel's send) for every message queued",
         "tell-yields.patch",
-        CONNECT,
+        (*CONNECT, SATURATED[0]),
     ),
     Ablation(
         "connect-extras",

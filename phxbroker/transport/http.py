@@ -103,9 +103,8 @@ class _UpgradeHead:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        value = value.strip(
-            b" \t"
-        )  # h11 drops the whitespace around a value; llhttp keeps trailing
+        # h11 drops the whitespace around a value; llhttp keeps what trails it.
+        value = value.strip(b" \t")
         self.size += len(name) + len(value) + 4
         # llhttp takes only token characters in a header name: it is ASCII.
         key = name.decode("ascii").lower()
