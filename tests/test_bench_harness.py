@@ -169,7 +169,7 @@ def test_every_ablation_patch_still_changes_the_code_it_names(tmp_path):
         ]
         assert changed, ablation.name
         for scenario, _, _ in ablation.figures:
-            assert scenario in {"idle", "sat1k", "sat5k", "lat1k", "lat5k"}
+            assert scenario in {"idle", "join10k", "sat1k", "sat5k", "lat1k", "lat5k"}
 
 
 def test_a_quick_run_measures_an_optimisation_taken_out(tmp_path):

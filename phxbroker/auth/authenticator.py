@@ -38,6 +38,10 @@ class Identity:
     assigns: dict[str, Any] | None = None  # the socket's assigns, from the app's connect hook
 
 
+# Every anonymous connect is admitted as the same (immutable) identity.
+ANONYMOUS = Identity(user=None)
+
+
 class Refused(Exception):
     """A refused connect: `reason` is a short code for counters, str() a sentence for logs."""
 
@@ -74,7 +78,7 @@ class Authenticator:
         token = header_token if header_token is not None else params.get(cfg.token_param)
         if not token:
             if cfg.allow_anonymous:
-                return Identity(user=None)
+                return ANONYMOUS
             raise Refused("missing_token", f"no token in connect param {cfg.token_param!r}")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         user = self._by_digest.get(digest)

@@ -642,13 +642,15 @@ class Broker:
             self.defer(peer, name)
             self.outside.ask(Question("join", peer, msg))
             return
-        variables = {
-            "topic": name,
-            "suffix": captures.get("suffix", ""),
-            "user": peer.user or "",
-            **captures,
-        }
-        response = render_template(rule.join_reply, variables) if rule.join_reply else {}
+        response: Any = {}
+        if rule.join_reply:
+            variables = {
+                "topic": name,
+                "suffix": captures.get("suffix", ""),
+                "user": peer.user or "",
+                **captures,
+            }
+            response = render_template(rule.join_reply, variables)
         self._subscribe(peer, msg, rule, captures, response, started=started)
 
     def _subscribe(

@@ -48,7 +48,12 @@ class BrokerTask:
     # -- the gateway -----------------------------------------------------------------------
 
     async def tell(self, fn: Callable[..., object], *args: Any) -> None:
-        await self._commands.send((fn, args))
+        # Waits only when the queue is full: a memory channel's send() would also yield to
+        # the scheduler every time, which a reader about to wait for its socket does anyway.
+        try:
+            self._commands.send_nowait((fn, args))
+        except trio.WouldBlock:
+            await self._commands.send((fn, args))
 
     def tell_soon(self, fn: Callable[..., object], *args: Any) -> None:
         try:

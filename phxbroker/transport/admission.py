@@ -29,6 +29,7 @@ log = logging.getLogger("phxbroker.limits")
 refusals_log = logging.getLogger("phxbroker.http")
 
 RATE_LIMITED = {"reason": "rate limited"}  # the error reply to a message over the rate
+MAX_REMEMBERED_VERSIONS = 64
 
 
 def client_address(remote: str) -> str:
@@ -176,6 +177,7 @@ class Admission:
         self.connect_hook: ConnectHook | None = None  # the app's back end, with [hooks]
         self.connections = ConnectionCounter()  # TCP connections on the listen port
         self._refused_origins = LoggedOnce()  # phoenix.js retries a refused page for ever
+        self._serializers: dict[str | None, Serializer | None] = {}  # by `vsn` param
         self.configure(authenticator, server, limits)
 
     def configure(
@@ -228,7 +230,15 @@ class Admission:
         """The serializer the `vsn` param asks for and the client's identity: its token,
         then (with `[auth] hook = true`) the app's back end. Raises Refusal: 403 for an
         unsupported version or a refused credential, 503 when the back end cannot say."""
-        serializer = serializer_for(params.get("vsn"))
+        vsn = params.get("vsn")
+        try:
+            serializer = self._serializers[vsn]
+        except KeyError:
+            serializer = serializer_for(vsn)
+            # Clients send a handful of versions; what they send is remembered, up to a
+            # bound, so a client making up versions cannot grow the table.
+            if len(self._serializers) < MAX_REMEMBERED_VERSIONS:
+                self._serializers[vsn] = serializer
         if serializer is None:
             raise Refusal(403, "bad_vsn", f"unsupported vsn {params.get('vsn')!r}")
         auth = self.authenticator.config

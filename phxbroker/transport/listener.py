@@ -11,6 +11,7 @@ import errno
 import logging
 import math
 import socket
+import sys
 from collections.abc import Callable
 
 import trio
@@ -19,7 +20,7 @@ from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import ServerConfig
 from phxbroker.transport.admission import Admission, client_address
 from phxbroker.transport.http import BadRequest, HttpConnection
-from phxbroker.transport.router import Router
+from phxbroker.transport.router import Router, Takeover
 from phxbroker.transport.sockets import ClientSocket, close_socket
 from phxbroker.transport.tls import TlsHandshakeError, TlsSocket
 
@@ -27,6 +28,9 @@ log = logging.getLogger("phxbroker")
 http_log = logging.getLogger("phxbroker.http")
 
 ACCEPT_BATCH = 64
+# Linux gives an accepted socket the TCP_NODELAY of the socket it was accepted on: set
+# once on the listener there, it saves a system call per connection.
+NODELAY_INHERITED = sys.platform.startswith("linux")
 LISTEN_BACKLOG = 4096
 ACCEPT_ERROR_LOG_INTERVAL = 10.0  # descriptor exhaustion is logged at most this often
 
@@ -70,6 +74,7 @@ class Listener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((cfg.listen_host, cfg.listen_port))
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
@@ -110,7 +115,8 @@ class Listener:
                         await self._out_of_descriptors(exc)
                     break
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if not NODELAY_INHERITED:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 nursery.start_soon(self.serve_connection, sock, format_address(addr))
 
     async def _out_of_descriptors(self, exc: OSError) -> None:
@@ -133,12 +139,14 @@ class Listener:
         connections.opened(counted[0])
         try:
             context = self.config.tls_context
-            if context is None:
-                await self._serve_http(sock, remote, counted)
-            else:
-                tls_sock = TlsSocket(sock, context)
-                if await self._tls_handshake(tls_sock, remote):
-                    await self._serve_http(tls_sock, remote, counted)
+            client: ClientSocket = sock
+            if context is not None:
+                client = tls_sock = TlsSocket(sock, context)
+                if not await self._tls_handshake(tls_sock, remote):
+                    return
+            takeover = await self._serve_http(client, remote, counted)
+            if takeover is not None:
+                await takeover
         except OSError:
             pass  # the client went away mid-request
         except Exception:
@@ -159,8 +167,11 @@ class Listener:
             return False
         return True
 
-    async def _serve_http(self, sock: ClientSocket, remote: str, counted: list[str]) -> None:
-        """Answer requests until the connection closes or is upgraded."""
+    async def _serve_http(
+        self, sock: ClientSocket, remote: str, counted: list[str]
+    ) -> Takeover | None:
+        """Answer requests until the connection closes (None) or is taken over: then what it
+        becomes, to be run after this returns and the HTTP objects are gone."""
         cfg = self.config
         conn = HttpConnection(
             sock, remote, max_header_size=cfg.max_header_size, timeout=cfg.handshake_timeout
@@ -169,14 +180,18 @@ class Listener:
             while True:
                 request = await conn.read_request()
                 if request is None:
-                    return
+                    return None
                 self.admission.attribute(request, counted)
-                if await self.router.dispatch(conn, request) or not await conn.finish_request():
-                    return
+                takeover = await self.router.dispatch(conn, request)
+                if takeover is not None:
+                    return takeover
+                if not await conn.finish_request():
+                    return None
         except BadRequest as exc:
             self.stats.count_refusal("bad_http")
             http_log.info("bad HTTP request from %s: %s", remote, exc)
             await conn.send_error(exc)
+            return None
 
 
 def format_address(addr: object) -> str:

@@ -13,14 +13,21 @@ an app that writes `new Socket("/socket/")` asks for the doubled slash).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from phxbroker.transport.admission import Admission
 from phxbroker.transport.http import HttpConnection, Request
 
-# A handler reads the request's body and responds itself; it returns True only when it
-# took the connection over (a websocket upgrade).
-Handler = Callable[[HttpConnection, Request], Awaitable[bool | None]]
+# What a handler that took the connection over (a websocket upgrade) returns: the
+# connection's life after HTTP as a coroutine not yet started, which the listener awaits
+# once the HTTP phase has ended, so that nothing of it (parser, request, buffers) is kept
+# for as long as the client stays.
+Takeover = Coroutine[Any, Any, None]
+
+# A handler reads the request's body and responds itself; it returns a Takeover only when
+# it took the connection over, else None.
+Handler = Callable[[HttpConnection, Request], Awaitable[Takeover | None]]
 
 
 class Router:
@@ -49,8 +56,9 @@ class Router:
         """The methods routed at `path` (for a 405's Allow header)."""
         return sorted(self._routes.get(normal_path(path), ()))
 
-    async def dispatch(self, conn: HttpConnection, request: Request) -> bool:
-        """Answer one request; True when the connection was taken over (upgraded)."""
+    async def dispatch(self, conn: HttpConnection, request: Request) -> Takeover | None:
+        """Answer one request; what the connection becomes when it was taken over
+        (upgraded), else None."""
         # Handlers (and their log lines and error messages) see the path as routed.
         path = request.path = normal_path(request.path)
         for configured in self.socket_paths:
@@ -61,16 +69,16 @@ class Router:
             if refusal is not None:
                 self.admission.refused(refusal, request)
                 await conn.respond(refusal.status, close=True)
-                return False
+                return None
             transport = self._transports.get(path[len(base) :])
             if transport is not None:
-                return bool(await transport(conn, request))
+                return await transport(conn, request)
         handlers = self._routes.get(path)
         if handlers is None or request.method not in handlers:
             for prefix, fallback in self._prefixes:
                 if (path + "/").startswith(prefix):
                     await fallback(conn, request)
-                    return False
+                    return None
         if handlers is None:
             await conn.respond(404, b"not found\n", content_type="text/plain")
         elif request.method not in handlers:
@@ -82,7 +90,7 @@ class Router:
             )
         else:
             await handlers[request.method](conn, request)
-        return False
+        return None
 
 
 def normal_path(path: str) -> str:

@@ -18,6 +18,7 @@ from wsproto.utilities import generate_accept_token
 from phxbroker.broker.activity import ActivityLog
 from phxbroker.transport.admission import Admission, Refusal
 from phxbroker.transport.http import HttpConnection, Request
+from phxbroker.transport.router import Takeover
 from phxbroker.transport.sockets import SocketHub
 from phxbroker.transport.websocket import WebSocketPeer, WebSockets
 
@@ -41,12 +42,12 @@ class WebSocketUpgrade:
         self.hub = hub
         self.peer_ids = peer_ids
 
-    async def __call__(self, conn: HttpConnection, request: Request) -> bool:
-        """Answer the handshake; True when the connection became a websocket (and has
-        ended by the time this returns)."""
+    async def __call__(self, conn: HttpConnection, request: Request) -> Takeover | None:
+        """Answer the handshake; when the connection became a websocket, the client's
+        session for the listener to run once the HTTP phase is over."""
         if request.method != "GET":
             await conn.respond(400, close=True)
-            return False
+            return None
         try:
             refusal = self.admission.check_origin(request)
             if refusal is not None:
@@ -58,12 +59,12 @@ class WebSocketUpgrade:
         except Refusal as refusal:
             self.admission.refused(refusal, request)
             await conn.respond(refusal.status, close=True)
-            return False
+            return None
 
         problem = upgrade_problem(request)
         if problem:
             await conn.respond(400, problem.encode(), close=True)
-            return False
+            return None
 
         headers = [
             ("upgrade", "websocket"),
@@ -87,8 +88,7 @@ class WebSocketUpgrade:
         )
         trailing = await conn.switch_protocols(headers)
         self.activity.connected(peer, request.path, request.params, request.received_at)
-        await self.websockets.run(peer, trailing)
-        return True
+        return peer.run(self.websockets, trailing)
 
 
 def _subprotocol(request: Request) -> tuple[str | None, str | None]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from phxbroker.broker.gateway import BrokerGateway
 from phxbroker.protocol import close_codes
@@ -48,6 +46,7 @@ class WebSocketPeer:
         "closing_since",
         "credential",
         "dirty",
+        "fragments",
         "hub",
         "id",
         "last_rx",
@@ -83,6 +82,7 @@ class WebSocketPeer:
         self.channels: dict[str, Channel] = {}
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.fragments: list[Any] | None = None  # the frames of a message still arriving
         self.dirty = False
         self.blocked = False
         self.state = OPEN
@@ -208,115 +208,152 @@ class WebSocketPeer:
         self.hub.stats.messages_in += 1  # the broker counts the messages it handles itself
         self.send(self.serializer.encode_reply(None, ref, HEARTBEAT_TOPIC, "ok", {}))
 
-    async def run(
-        self,
-        inbound: Inbound,
-        trailing_data: bytes = b"",
-        said_goodbye: Callable[[WebSocketPeer], Awaitable[None]] | None = None,
-    ) -> None:
-        """Read until the connection ends; client messages go to the broker in order, and
-        `said_goodbye` hears of the client's Close frame when it comes (the connection ends
-        later, when the client closes its TCP connection or the sweep cuts it).
+    async def run(self, websockets: WebSockets, trailing_data: bytes = b"") -> None:
+        """Serve the connection until it ends: registered with the broker, its messages
+        read and handed on in order. One coroutine for the whole session, as a client may
+        idle in it for days.
 
         Every frame (pings and the pieces of a fragmented message included) spends from
         the connection's frame budget, and a message may come in at most max_fragments
-        frames: a client over either is closed with 1008 and what it sends after is read
-        and dropped unparsed. The reader yields to other tasks after every read that did
-        not have to wait, so a client that keeps the socket full cannot hold the loop.
-        """
-        ws = Connection(ConnectionType.SERVER)
-        hub = self.hub
-        stats = hub.stats
-        sock = self.sock
-        frames = TokenBucket(hub.frame_rate, hub.frame_burst, hub.now) if hub.frame_rate else None
-        max_fragments = hub.max_fragments
-        parts: list[Any] = []
-        size = 0
-        flooded = False
-        waited = True
-        goodbye_said = False
-        data = trailing_data
-        while True:
-            if data and not flooded:
-                self.last_rx = hub.now
-                stats.bytes_in += len(data)
-                ws.receive_data(data)
-                for handled, event in enumerate(ws.events(), 1):
-                    if handled % EVENTS_PER_TURN == 0:
-                        await trio.lowlevel.checkpoint()  # a read full of tiny frames
-                    if frames is not None and not frames.take(hub.now):
-                        flooded = self._flooded(f"more than {hub.frame_rate:g} frames per second")
-                        break
-                    if isinstance(event, TextMessage | BytesMessage):
-                        if self.state != OPEN:
-                            continue
-                        size += len(event.data)
-                        if size > hub.max_frame_size:
-                            stats.count_refusal("message_too_big")
-                            log.info(
-                                "closing %s: message larger than %d bytes", self, hub.max_frame_size
-                            )
-                            self.close(close_codes.MESSAGE_TOO_BIG, "message too big")
-                            parts.clear()
-                            continue
-                        parts.append(event.data)
-                        if not event.message_finished:
-                            if len(parts) > max_fragments:
-                                flooded = self._flooded(
-                                    f"a message in more than {max_fragments} frames"
-                                )
-                                break
-                            continue
-                        payload = parts[0] if len(parts) == 1 else type(parts[0])().join(parts)
-                        parts.clear()
-                        size = 0
-                        await self._on_message(payload, inbound)
-                    elif isinstance(event, Ping):
-                        self._write(encode_frame(OP_PONG, event.payload))
-                    elif isinstance(event, CloseConnection):
-                        if self.state == OPEN:
-                            self.close(_answer_to_close(event, ws.state))
-                        if said_goodbye is not None and not goodbye_said:
-                            goodbye_said = True
-                            await said_goodbye(self)
-                if self.dirty:
-                    self.flush()
-            elif data:
-                stats.bytes_in += len(data)  # a flooder's bytes, dropped unparsed
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
+        frames: a client over either is closed with 1008, and what it sends after is read
+        and dropped unparsed. The reader yields to other tasks before a read that does not
+        wait and every EVENTS_PER_TURN frames, so a client that keeps its socket full cannot
+        hold the event loop."""
+        websockets.opened(self)
+        try:
+            await websockets.register(self)
+            data = trailing_data
+            # wsproto's frame layer, without its Connection wrapper: that adds only a state
+            # this loop keeps itself and an event queue (0.8 KiB per idle connection).
+            frames: FrameProtocol | None = FrameProtocol(client=False, extensions=[])
+            hub = self.hub
+            stats = hub.stats
+            sock = self.sock
+            budget = (
+                TokenBucket(hub.frame_rate, hub.frame_burst, hub.now) if hub.frame_rate else None
+            )
+            # Once a read of a plain socket came back short, nothing is left in it, so the next
+            # read waits for the socket first instead of failing with EAGAIN. A TLS socket may
+            # hold decrypted bytes its descriptor says nothing of: it is always read first. The
+            # first read is tried at once: the client has usually answered the 101 by then.
+            plain = isinstance(sock, socket.socket)
+            drained = False
+            while True:
+                if data:
+                    self.last_rx = hub.now
+                    stats.bytes_in += len(data)
+                    if frames is not None and not await self._receive(
+                        frames, data, websockets, budget
+                    ):
+                        frames = None  # closed, broke the protocol or flooded: read no more
+                    if self.dirty:
+                        self.flush()
+                if drained:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except trio.ClosedResourceError:
+                        return
+                elif data:
+                    # About to read again without waiting: let the other tasks run first, so
+                    # that a client keeping its socket full cannot hold the event loop.
+                    await trio.lowlevel.checkpoint()
                 try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    data = b""
+                    drained = True
+                    continue
+                except OSError:
                     return
-                waited = True
-                data = b""
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            if not waited:
-                await trio.lowlevel.checkpoint()  # more was waiting: let the others run first
-            waited = False
+                if not data:
+                    return
+                drained = plain and len(data) < RECV_SIZE
+        finally:
+            websockets.closed(self)
 
-    def _flooded(self, what: str) -> bool:
-        """Close a client that sent `what` (1008), once; True."""
-        stats = self.hub.stats
-        stats.count_refusal("frame_flood")
+    async def _receive(
+        self,
+        frames: FrameProtocol,
+        data: bytes,
+        websockets: WebSockets,
+        budget: TokenBucket | None,
+    ) -> bool:
+        """Parse what was read and handle each complete message, in order; False once a
+        close frame came, the client broke the protocol or went over its frame budget
+        (then nothing after is parsed)."""
+        frames.receive_bytes(data)
+        hub = self.hub
+        limit = hub.max_frame_size
+        inbound = websockets.inbound
+        try:
+            for handled, frame in enumerate(frames.received_frames(), 1):
+                if handled % EVENTS_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()  # a read full of tiny frames
+                if budget is not None and not budget.take(hub.now):
+                    self._flooded(f"more than {hub.frame_rate:g} frames per second")
+                    return False
+                opcode = frame.opcode
+                if (
+                    opcode is Opcode.TEXT
+                    or opcode is Opcode.BINARY
+                    or (opcode is Opcode.CONTINUATION)
+                ):
+                    if self.state != OPEN:
+                        continue
+                    fragments = self.fragments
+                    size = len(frame.payload) + (sum(map(len, fragments)) if fragments else 0)
+                    if size > limit:
+                        hub.stats.count_refusal("message_too_big")
+                        log.info("closing %s: message larger than %d bytes", self, limit)
+                        self.close(close_codes.MESSAGE_TOO_BIG, "message too big")
+                        self.fragments = None
+                        continue
+                    if not frame.message_finished:
+                        if fragments is None:
+                            fragments = self.fragments = []
+                        fragments.append(frame.payload)
+                        if len(fragments) > hub.max_fragments:
+                            self._flooded(f"a message in more than {hub.max_fragments} frames")
+                            return False
+                        continue
+                    payload: Any = frame.payload
+                    if fragments:
+                        fragments.append(payload)
+                        payload = type(payload)().join(fragments)
+                        self.fragments = None
+                    try:
+                        msg = inbound.decode(self, payload, binary=isinstance(payload, bytes))
+                    except ProtocolError:
+                        self.close(close_codes.INTERNAL_ERROR)
+                        continue
+                    await inbound.forward(self, msg)
+                elif opcode is Opcode.PING:
+                    self._write(encode_frame(OP_PONG, cast(bytes, frame.payload)))
+                elif opcode is Opcode.CLOSE:
+                    code, _ = cast(tuple[int, str], frame.payload)
+                    await self._closed_by_client(
+                        close_codes.answer_to_client_close(code), websockets
+                    )
+                    return False
+        except ParseFailed as exc:
+            await self._closed_by_client(_answer_to_unreadable(exc), websockets)
+            return False
+        return True
+
+    async def _closed_by_client(self, answer: int, websockets: WebSockets) -> None:
+        """The client sent a close frame (or broke the protocol): answer with our close
+        frame, unless we are closing already, and let its channels and presence go now, as
+        in Phoenix, not when its TCP connection ends (which a client may hold open)."""
+        if self.state == OPEN:
+            self.close(answer)
+        await websockets.said_goodbye(self)
+
+    def _flooded(self, what: str) -> None:
+        """Close a client that sent `what` (1008)."""
+        self.hub.stats.count_refusal("frame_flood")
         log.info("closing %s: %s", self, what)
         if self.state == OPEN:
             self.close(close_codes.POLICY_VIOLATION, "too many frames")
-        return True
-
-    async def _on_message(self, payload: str | bytes, inbound: Inbound) -> None:
-        try:
-            msg = inbound.decode(self, payload, binary=isinstance(payload, bytes))
-        except ProtocolError:
-            self.close(close_codes.INTERNAL_ERROR)
-            return
-        await inbound.forward(self, msg)
 
     def finish(self) -> None:
         """Release the socket once the read loop has ended."""
@@ -325,21 +362,17 @@ class WebSocketPeer:
         close_socket(self.sock)
 
 
-def _answer_to_close(event: CloseConnection, state: ConnectionState) -> int:
-    """Our close code for a CloseConnection from wsproto: a client's Close frame gets what
-    Bandit answers; a frame wsproto could not parse gets the code it names (1002, 1007)."""
-    if state is ConnectionState.REMOTE_CLOSING:  # a Close frame wsproto could read
-        return close_codes.answer_to_client_close(event.code)
-    reason = event.reason or ""
+def _answer_to_unreadable(exc: ParseFailed) -> int:
+    """Our close code for frames wsproto could not parse: a Close frame Bandit could not
+    read either is a protocol error, except a code above 4999, which Bandit answers with
+    1000 (codes under 1000 too, which wsproto's report does not tell apart)."""
+    reason = str(exc)
     if "CLOSE with invalid code" in reason:
-        # Bandit answers codes above 4999 with 1000 (and those under 1000 with 1002, which
-        # wsproto's report does not tell apart: those get 1000 too).
         return close_codes.NORMAL
     if "CLOSE" in reason:
-        # A Close frame Bandit cannot read either (a reserved code, a one-byte payload, a
-        # reason that is not UTF-8): a protocol error.
+        # A reserved code, a one-byte payload, a reason that is not UTF-8.
         return close_codes.PROTOCOL_ERROR
-    return event.code if event.code in close_codes.SENDABLE else close_codes.PROTOCOL_ERROR
+    return exc.code if exc.code in close_codes.SENDABLE else close_codes.PROTOCOL_ERROR
 
 
 class WebSockets:
@@ -356,8 +389,8 @@ class WebSockets:
         self.draining = False  # set once shutdown began: newcomers are sent away at once
         self._all_closed = trio.Event()
 
-    async def run(self, peer: WebSocketPeer, trailing_data: bytes) -> None:
-        """Serve an upgraded connection until it ends, registered with the broker."""
+    def opened(self, peer: WebSocketPeer) -> None:
+        """An upgraded connection starts (`closed` follows, whatever happens next)."""
         stats = self.hub.stats
         stats.connections_total += 1
         stats.connections_open += 1
@@ -365,19 +398,26 @@ class WebSockets:
         log.debug("connected %s", peer)
         if self.draining:  # upgraded after the drain began: send it elsewhere at once
             peer.close(close_codes.GOING_AWAY, "server shutting down")
-        try:
-            await self.gateway.tell(self.broker.connect, peer)
-            await peer.run(self.inbound, trailing_data, self._said_goodbye)
-        finally:
-            self.live.discard(peer)
-            if not self.live:
-                self._all_closed.set()
-            stats.connections_open -= 1
-            self.gateway.tell_soon(self.broker.disconnect, peer)
-            peer.finish()
-            log.debug("disconnected %s", peer)
 
-    async def _said_goodbye(self, peer: WebSocketPeer) -> None:
+    async def register(self, peer: WebSocketPeer) -> None:
+        """Make an opened connection a broker peer (before any of its messages)."""
+        await self.gateway.tell(self.broker.connect, peer)
+        # One turn of the event loop before the first read: the client, which has just
+        # got its 101, has usually sent its first message by then, so the read finds it
+        # instead of waiting for the socket (a registration with epoll, far dearer).
+        await trio.lowlevel.checkpoint()
+
+    def closed(self, peer: WebSocketPeer) -> None:
+        """A connection that `opened` has ended: forget it and release its socket."""
+        self.live.discard(peer)
+        if not self.live:
+            self._all_closed.set()
+        self.hub.stats.connections_open -= 1
+        self.gateway.tell_soon(self.broker.disconnect, peer)
+        peer.finish()
+        log.debug("disconnected %s", peer)
+
+    async def said_goodbye(self, peer: WebSocketPeer) -> None:
         """The client's Close frame came: its channels and presence go now, as in Phoenix,
         not when its TCP connection ends (which a client may hold open for a while)."""
         await self.gateway.tell(self.broker.disconnect, peer)
