@@ -8,6 +8,14 @@ tests drive it directly with fake peers.
 A broadcast is encoded once per serializer (`Broadcast`) and the same bytes go to every
 subscriber. Anything sent to every subscriber because one changed (presence diffs, the
 status map) is coalesced per topic per `coalesce_ms`, so N joins cost O(N) messages.
+
+No exception leaves the broker: a client command, one topic's coalesced flush or one
+topic's re-check on reload that fails is logged once (with the topic and connection),
+counted in `Stats.internal_errors`, and only that unit of work is skipped.
+
+Client values the broker keeps beyond one command (presence meta values, history
+entries) are kept as their JSON encoding (RawJSON), so each costs at most the size of the
+frame it came in, never a multiple of it in Python objects.
 """
 
 from __future__ import annotations
@@ -84,6 +92,11 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """End the connection (the transport decides how)."""
+
+    @property
+    def open(self) -> bool:
+        """False once the connection is closing: it still counts as joined until the
+        transport disconnects it, but nothing sent to it arrives."""
 
 
 class Channel:
@@ -186,20 +199,28 @@ class Broker:
         self.rules = tuple(rules)
         self.max_channels = max_channels
         for topic in list(self.topics.values()):
-            found = find_rule(self.rules, topic.name)
-            if found is None or found[0].presence != topic.rule.presence:
-                event = messages.PHX_CLOSE if found is None else messages.PHX_ERROR
-                for peer, channel in list(topic.subscribers.items()):
-                    self._end_channel(peer, channel, event)
-                self.topics.pop(topic.name, None)
-                continue
-            topic.rule, topic.captures = found
-            topic.status_json = None
-            if topic.history.maxlen != (topic.rule.history or None):
-                topic.history = deque(topic.history, maxlen=topic.rule.history or None)
+            try:
+                self._reconfigure_topic(topic)
+            except Exception:
+                self._internal_error("re-checking a topic on reload", topic.name)
+
+    def _reconfigure_topic(self, topic: Topic) -> None:
+        found = find_rule(self.rules, topic.name)
+        if found is None or found[0].presence != topic.rule.presence:
+            event = messages.PHX_CLOSE if found is None else messages.PHX_ERROR
             for peer, channel in list(topic.subscribers.items()):
-                if not topic.rule.join.allows(peer.user, topic.captures):
-                    self._end_channel(peer, channel, messages.PHX_CLOSE)
+                self._end_channel(peer, channel, event)
+            if self.topics.get(topic.name) is topic:
+                del self.topics[topic.name]
+            topic.due = False  # a flush still scheduled for it finds nothing to do
+            return
+        topic.rule, topic.captures = found
+        topic.status_json = None
+        if topic.history.maxlen != (topic.rule.history or None):
+            topic.history = deque(topic.history, maxlen=topic.rule.history or None)
+        for peer, channel in list(topic.subscribers.items()):
+            if not topic.rule.join.allows(peer.user, topic.captures):
+                self._end_channel(peer, channel, messages.PHX_CLOSE)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -229,32 +250,40 @@ class Broker:
         if peer not in self.peers:
             return  # closed while this message was queued
         self.stats.messages_in += 1
-        if msg.event == messages.PHX_JOIN:
-            self._join(peer, msg)
-        elif msg.event == messages.PHX_LEAVE:
-            self._leave(peer, msg)
-        else:
-            self._push(peer, msg)
+        try:
+            if msg.event == messages.PHX_JOIN:
+                self._join(peer, msg)
+            elif msg.event == messages.PHX_LEAVE:
+                self._leave(peer, msg)
+            else:
+                self._push(peer, msg)
+        except Exception:
+            self._internal_error(f"handling {_shown(msg.event)}", msg.topic, peer)
 
     # -- operations for the API and the CLI ----------------------------------------------
 
     def publish(self, topic: str, event: str, payload: Any) -> int:
-        """Broadcast to a topic's subscribers; returns how many it reached."""
+        """Broadcast to a topic's subscribers; returns how many it reached (connections
+        already closing are not counted: nothing more reaches them)."""
         t = self.topics.get(topic)
         if t is None or not t.subscribers:
             self.stats.broadcasts += 1
             return 0
-        return self._broadcast(t, Broadcast(topic, event, payload))
+        self._broadcast(t, Broadcast(topic, event, payload))
+        return sum(1 for peer in t.subscribers if peer.open)
 
     def disconnect_user(
         self, user: str, code: int = close_codes.GOING_AWAY, reason: str = "disconnected"
     ) -> int:
-        """Close every connection of a user, as Phoenix's "disconnect" broadcast does."""
+        """Close every connection of a user, as Phoenix's "disconnect" broadcast does;
+        returns how many were open (not closing already)."""
         peers = list(self.users.get(user, ()))
+        closed = 0
         for peer in peers:
+            closed += peer.open
             self.disconnect(peer)
             peer.close(code, reason)
-        return len(peers)
+        return closed
 
     def kick(self, user: str, topic: str) -> int:
         """Remove a user from one topic; each of its channels there gets phx_close."""
@@ -262,9 +291,11 @@ class Broker:
         if t is None:
             return 0
         kicked = [(p, c) for p, c in t.subscribers.items() if p.user == user]
+        removed = 0
         for peer, channel in kicked:
+            removed += peer.open
             self._end_channel(peer, channel, messages.PHX_CLOSE)
-        return len(kicked)
+        return removed
 
     # -- time ----------------------------------------------------------------------------
 
@@ -277,8 +308,9 @@ class Broker:
         now = self.clock()
         while self._schedule and self._schedule[0][0] <= now:
             _, _, topic = heapq.heappop(self._schedule)
-            topic.due = False
-            self._flush_topic(topic, now)
+            if topic.due:
+                topic.due = False
+                self._flush_safely(topic, now)
 
     # -- protocol ------------------------------------------------------------------------
 
@@ -367,7 +399,10 @@ class Broker:
         elif event in rule.relay and self._relayable(rule, payload):
             if rule.relay_user_key and isinstance(payload, dict):
                 payload = {**payload, rule.relay_user_key: peer.user}
-            if rule.history:
+            if rule.history and not isinstance(payload, bytes):
+                # Kept encoded: a stored entry costs what its frame did (binary payloads
+                # cannot be part of the JSON status map).
+                payload = RawJSON(messages.dumps(payload))
                 topic.history.append(payload)
                 self._status_changed(topic, "msgs")
             self._broadcast(topic, Broadcast(msg.topic, event, payload))
@@ -452,7 +487,7 @@ class Broker:
         if isinstance(params, dict):
             for key in topic.rule.presence_meta:
                 if key in params:
-                    meta[key] = params[key]
+                    meta[key] = RawJSON(messages.dumps(params[key]))  # see the module doc
         channel.phx_ref = topic.presence.track(self._presence_key(peer), meta)["phx_ref"]
         self._presence_changed(topic)
 
@@ -460,7 +495,9 @@ class Broker:
         topic = channel.topic
         if topic.presence is None or channel.phx_ref is None or not isinstance(payload, dict):
             return
-        changes = {k: payload[k] for k in topic.rule.presence_meta if k in payload}
+        changes = {
+            k: RawJSON(messages.dumps(payload[k])) for k in topic.rule.presence_meta if k in payload
+        }
         meta = topic.presence.update(self._presence_key(peer), channel.phx_ref, changes)
         if meta is not None:
             channel.phx_ref = meta["phx_ref"]
@@ -484,12 +521,36 @@ class Broker:
         interval = topic.rule.coalesce_ms / 1000
         now = self.clock()
         if interval == 0:
-            self._flush_topic(topic, now)
+            self._flush_safely(topic, now)
             return
         # Leading edge: a change after a quiet interval goes out with the current batch.
         due = max(now, topic.last_flush + interval)
         topic.due = True
         heapq.heappush(self._schedule, (due, next(self._seq), topic))
+
+    def _flush_safely(self, topic: Topic, now: float) -> None:
+        """Flush one topic; if that fails, its pending diff and status change are dropped
+        (its subscribers miss one update) and the broker carries on."""
+        try:
+            self._flush_topic(topic, now)
+        except Exception:
+            self._internal_error("flushing presence and status", topic.name)
+            topic.last_flush = now
+            topic.status_dirty = False
+            topic.status_json = None
+            if topic.presence is not None:
+                topic.presence.take_diff()
+            self._forget_if_idle(topic)
+
+    def _internal_error(self, what: str, topic: str, peer: Peer | None = None) -> None:
+        """Log (once, with the traceback) and count a failure the broker survived."""
+        self.stats.internal_errors += 1
+        log.exception(
+            "internal error %s on topic %s%s; skipped",
+            what,
+            _shown(topic),
+            "" if peer is None else f" for connection {peer.id}",
+        )
 
     def _flush_topic(self, topic: Topic, now: float) -> None:
         topic.last_flush = now
@@ -553,6 +614,11 @@ class Broker:
             }
             for t in self.topics.values()
         ]
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """A client-chosen name for a log line: quoted, and cut if it is long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
     def user_summary(self) -> list[dict[str, Any]]:
         return [

@@ -60,6 +60,7 @@ class Stats:
         self.slow_client_drops = 0
         self.longpoll_binary_dropped = 0  # binary frames a long-poll client cannot receive
         self.protocol_errors = 0
+        self.internal_errors = 0  # failures the broker survived by skipping one unit of work
         self.auth_failures = 0
         self.refusals: dict[str, int] = {}
         self.broker_commands = 0

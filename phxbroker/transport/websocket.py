@@ -107,6 +107,10 @@ class WebSocketPeer:
         if frame:
             self._write(frame)
 
+    @property
+    def open(self) -> bool:
+        return self.state == OPEN
+
     def close(self, code: int, reason: str = "") -> None:
         """Queue a close frame after what is already queued; the client's answer ends it."""
         if self.state != OPEN:
