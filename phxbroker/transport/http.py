@@ -15,7 +15,11 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
-from phxbroker.transport.sockets import recv_some, send_all
+from phxbroker.transport.sockets import recv_some, send_all, shutdown
+
+# After an early answer the unread body is drained for a moment (see refuse_body).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1_048_576
 
 REASONS = {
     101: b"Switching Protocols",
@@ -54,6 +58,7 @@ class Request:
     remote: str
     body: bytes = b""
     params: dict[str, str] = field(default_factory=dict)
+    http_version: str = "1.1"
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
@@ -131,6 +136,7 @@ class HttpConnection:
                 headers=headers,
                 remote=self.remote,
                 params=parse_query(parts.query),
+                http_version=event.http_version.decode("ascii"),
             )
         if self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]:
             return None  # an idle keep-alive connection: just close it
@@ -202,6 +208,25 @@ class HttpConnection:
         )
         await send_all(self.sock, data)
         return self.h11.trailing_data[0]
+
+    async def refuse_body(
+        self, status: int, body: bytes, *, content_type: str, headers: list[tuple[str, str]]
+    ) -> None:
+        """Answer before reading the request body (e.g. 413), then read and discard what
+        the client still sends, for a bounded time and amount, before closing: closing at
+        once would reset the connection and the client would never see the answer."""
+        await self.respond(status, body, content_type=content_type, headers=headers, close=True)
+        shutdown(self.sock, socket.SHUT_WR)
+        received = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                while received < LINGER_BYTES:
+                    data = await recv_some(self.sock)
+                    if not data:
+                        break
+                    received += len(data)
+            except OSError:
+                pass
 
     @property
     def keep_alive(self) -> bool:

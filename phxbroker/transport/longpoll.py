@@ -40,7 +40,7 @@ from phxbroker.protocol import close_codes, messages
 from phxbroker.protocol.messages import ProtocolError
 from phxbroker.protocol.serializers import Serializer, serializer_for
 from phxbroker.transport.admission import RATE_LIMITED, TokenBucket, over_rate
-from phxbroker.transport.http import HttpConnection, Request
+from phxbroker.transport.http import BadRequest, HttpConnection, Request
 
 if TYPE_CHECKING:
     from phxbroker.broker.core import Broadcast, Channel
@@ -230,7 +230,18 @@ class LongPoll:
             await conn.respond(404, b"not found\n", content_type="text/plain")
             return
         limit = cfg.max_post_size if request.method == "POST" else 0
-        body = await conn.read_body(request, limit)
+        try:
+            body = await conn.read_body(request, limit)
+        except BadRequest as exc:
+            if exc.status != 413:
+                raise
+            # As the API does: an answer the client can read, not a reset connection.
+            self.stats.count_refusal("longpoll_post_too_big")
+            message = f"the request body is larger than {limit} bytes ([longpoll] max_post_size)"
+            await conn.refuse_body(
+                413, message.encode(), content_type="text/plain", headers=OPEN_HEADERS
+            )
+            return
         problem = self.server.check_origin(request)
         if problem:
             await self._refuse(conn, request, "origin", problem)
