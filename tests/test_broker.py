@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from support.fake_peer import Clock, FakePeer, apply_frames, strip
 
+from phxbroker.broker import core
 from phxbroker.broker.core import Broadcast, Broker
 from phxbroker.broker.presence import Presence
 from phxbroker.config.settings import parse_config
@@ -574,3 +575,19 @@ def test_binary_relays_stay_out_of_the_json_history(clock: Clock) -> None:
     assert broker.stats.internal_errors == 0
     statuses = [f[4] for f in alice.take() if isinstance(f, list) and f[3] == "status_users"]
     assert statuses[-1] == {"msgs": [{"n": 1}]}
+
+
+def test_topics_nobody_is_on_are_kept_for_their_counters_up_to_a_bound(
+    broker: Broker, monkeypatch
+) -> None:
+    monkeypatch.setattr(core, "MAX_KEPT_TOPICS", 3)
+    alice = connect(broker, "alice")
+    for n in range(5):
+        join(broker, alice, f"room:{n}")
+        broker.handle(alice, Message("1", "2", f"room:{n}", "hit", {}))
+        broker.handle(alice, Message("1", "3", f"room:{n}", "phx_leave", {}))
+    assert sorted(broker.topics) == ["room:2", "room:3", "room:4"]
+    assert broker.topics["room:4"].hits == 1
+    join(broker, alice, "room:2")  # subscribed again: no longer a kept topic
+    broker.handle(alice, Message("1", "3", "room:2", "phx_leave", {}))
+    assert list(broker.kept) == ["room:3", "room:4", "room:2"]

@@ -37,6 +37,11 @@ from phxbroker.protocol.serializers import Serializer
 
 log = logging.getLogger("phxbroker.broker")
 
+# Topics nobody is subscribed to are kept for their counters and history (the status
+# map's hits and msgs), at most this many: a client that joins, counts and leaves topic
+# after topic cannot make the broker keep them all; the least recently left go first.
+MAX_KEPT_TOPICS = 10_000
+
 UNMATCHED = {"reason": "unmatched topic"}
 UNAUTHORIZED = {"reason": "unauthorized"}
 TOO_MANY = {"reason": "too many channels joined"}
@@ -180,6 +185,8 @@ class Broker:
         self.clock = clock
         self.wall_clock = wall_clock
         self.topics: dict[str, Topic] = {}
+        # Topics without subscribers kept for their state, least recently left first.
+        self.kept: dict[str, Topic] = {}
         self.peers: set[Peer] = set()
         self.users: dict[str, set[Peer]] = {}
         self._schedule: list[tuple[float, int, Topic]] = []
@@ -210,9 +217,7 @@ class Broker:
             event = messages.PHX_CLOSE if found is None else messages.PHX_ERROR
             for peer, channel in list(topic.subscribers.items()):
                 self._end_channel(peer, channel, event)
-            if self.topics.get(topic.name) is topic:
-                del self.topics[topic.name]
-            topic.due = False  # a flush still scheduled for it finds nothing to do
+            self._drop_topic(topic)
             return
         topic.rule, topic.captures = found
         topic.status_json = None
@@ -347,6 +352,8 @@ class Broker:
         topic = self.topics.get(name)
         if topic is None:
             topic = self.topics[name] = Topic(name, rule, captures)
+        elif not topic.subscribers:
+            self.kept.pop(name, None)
         channel = Channel(topic, msg.join_ref)
         peer.channels[name] = channel
         topic.subscribers[peer] = channel
@@ -473,8 +480,23 @@ class Broker:
         )
 
     def _forget_if_idle(self, topic: Topic) -> None:
-        if topic.idle and self.topics.get(topic.name) is topic:
+        if self.topics.get(topic.name) is not topic or topic.subscribers:
+            return
+        if topic.idle:
+            self._drop_topic(topic)
+            return
+        self.kept.pop(topic.name, None)  # now the most recently left
+        self.kept[topic.name] = topic
+        while len(self.kept) > MAX_KEPT_TOPICS:
+            self._drop_topic(next(iter(self.kept.values())))
+
+    def _drop_topic(self, topic: Topic) -> None:
+        """Forget a topic (its subscribers, if any, are already gone)."""
+        if self.topics.get(topic.name) is topic:
             del self.topics[topic.name]
+        if self.kept.get(topic.name) is topic:
+            del self.kept[topic.name]
+        topic.due = False  # a flush still scheduled for it finds nothing to do
 
     @staticmethod
     def _presence_key(peer: Peer) -> str:
