@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 E2E := tests/e2e
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint fuzz fuzz-properties fuzz-stateful bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "phxbroker needs Python 3.11 or newer (set PYTHON=...)")'
@@ -30,6 +30,17 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed $(E2E)/node_modules/.installed .system-packages lint
 	$(BIN)/pytest
+
+# The fuzz suite's properties with 100,000 examples each (the `fuzz` hypothesis profile);
+# `make test` runs the same properties with a few hundred. The state machine and the other
+# properties run side by side (each about 50 minutes on two cores).
+FUZZ := $(BIN)/pytest -p no:cacheprovider --hypothesis-profile=fuzz \
+	--hypothesis-show-statistics --durations=0
+fuzz: $(VENV)/.installed
+	$(MAKE) -j2 --output-sync=target fuzz-properties fuzz-stateful
+
+fuzz-properties fuzz-stateful: $(VENV)/.installed
+	$(FUZZ) $(if $(filter fuzz-stateful,$@),tests/test_broker_stateful.py,tests/test_fuzz.py)
 
 clean:
 	rm -rf $(VENV) $(E2E)/node_modules .pytest_cache .ruff_cache .system-packages
