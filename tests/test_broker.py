@@ -591,3 +591,15 @@ def test_topics_nobody_is_on_are_kept_for_their_counters_up_to_a_bound(
     join(broker, alice, "room:2")  # subscribed again: no longer a kept topic
     broker.handle(alice, Message("1", "3", "room:2", "phx_leave", {}))
     assert list(broker.kept) == ["room:3", "room:4", "room:2"]
+
+
+def test_summaries_list_topics_and_users(broker: Broker) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "public")
+    join(broker, bob, "public")
+    join(broker, alice, "users:alice")
+    assert sorted(t["topic"] for t in broker.topic_summary()) == ["public", "users:alice"]
+    assert sorted(broker.user_summary(), key=lambda u: u["user"]) == [
+        {"user": "alice", "connections": 1, "topics": ["public", "users:alice"]},
+        {"user": "bob", "connections": 1, "topics": ["public"]},
+    ]

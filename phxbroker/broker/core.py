@@ -637,11 +637,6 @@ class Broker:
             for t in self.topics.values()
         ]
 
-
-def _shown(text: str, limit: int = 100) -> str:
-    """A client-chosen name for a log line: quoted, and cut if it is long."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
     def user_summary(self) -> list[dict[str, Any]]:
         return [
             {
@@ -651,3 +646,8 @@ def _shown(text: str, limit: int = 100) -> str:
             }
             for user, peers in self.users.items()
         ]
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """A client-chosen name for a log line: quoted, and cut if it is long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
