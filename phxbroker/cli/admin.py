@@ -13,11 +13,12 @@ import click
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from phxbroker.auth.bans import parse_duration
 from phxbroker.cli.common import admin_socket_path, config_option, fail
 from phxbroker.cli.control_client import AdminClient, AdminError, DaemonUnreachable
-from phxbroker.cli.statsview import format_duration, rates, render
+from phxbroker.cli.statsview import format_duration, literal, rates, render
 from phxbroker.protocol import messages
 
 
@@ -104,7 +105,9 @@ def topics(config_path: Path, as_json: bool) -> None:
     table = Table("topic", "subscribers", "users", "presences", "hits", box=None)
     for t in result:
         presences = "" if t["presences"] is None else str(t["presences"])
-        table.add_row(t["topic"], str(t["subscribers"]), str(t["users"]), presences, str(t["hits"]))
+        table.add_row(
+            literal(t["topic"]), str(t["subscribers"]), str(t["users"]), presences, str(t["hits"])
+        )
     Console().print(table if result else "no topics")
 
 
@@ -121,12 +124,14 @@ def users(config_path: Path, as_json: bool) -> None:
     if result["users"]:
         table = Table("user", "connections", "topics", box=None)
         for u in result["users"]:
-            table.add_row(u["user"], str(u["connections"]), " ".join(u["topics"]))
+            table.add_row(literal(u["user"]), str(u["connections"]), literal(" ".join(u["topics"])))
         console.print(table)
     else:
         console.print("no users connected")
     for user, left in result["bans"].items():
-        console.print(f"banned: {user} for {format_duration(left)} more")
+        console.print(
+            Text.assemble("banned: ", literal(user), f" for {format_duration(left)} more")
+        )
 
 
 @click.command()
