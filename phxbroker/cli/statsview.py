@@ -95,6 +95,8 @@ def render(report: dict[str, Any], per_second: dict[str, float] | None, source: 
     figures.add_row("bytes out", format_bytes(c["bytes_out"]), rate("bytes_out", True))
     figures.add_row("slow clients dropped", f"{c['slow_client_drops']:,}", "")
     figures.add_row("auth failures", f"{c['auth_failures']:,}", "")
+    # Failures the broker survived by skipping one unit of work (see the daemon's log).
+    figures.add_row("internal errors", f"{c.get('internal_errors', 0):,}", "")
     refusals = c.get("refusals") or {}
     detail = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
     figures.add_row("refusals", f"{sum(refusals.values()):,}", literal(detail))
