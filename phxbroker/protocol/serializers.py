@@ -3,8 +3,8 @@
 Sans-io: bytes and text in, Message out, and back. Decoding raises ProtocolError for
 anything that is not a Phoenix message, including one the server could not write back
 unchanged (see `messages.loads`) and refs that are not short scalars (`messages.ref_problem`):
-the three decoders accept the same messages. Encoding raises EncodeError for a message the
-serializer cannot carry.
+the same rules in the three decoders (a binary frame's format also bounds its topic and
+event to 255 bytes). Encoding raises EncodeError for a message the serializer cannot carry.
 """
 
 from __future__ import annotations
