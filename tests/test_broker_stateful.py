@@ -372,5 +372,5 @@ class BrokerMachine(RuleBasedStateMachine):
             self.checked[peer.id] = len(peer.sent)
 
 
-BrokerMachine.TestCase.settings = examples(100, stateful_step_count=50)
+BrokerMachine.TestCase.settings = examples(150, stateful_step_count=30)
 test_the_broker_keeps_its_invariants = BrokerMachine.TestCase

@@ -8,6 +8,7 @@ import pytest
 
 from phxbroker.protocol.messages import (
     MAX_DEPTH,
+    MAX_FRAME_DEPTH,
     EncodeError,
     Message,
     ProtocolError,
@@ -287,27 +288,37 @@ def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 300, 1024, 1025, 5000])
+@pytest.mark.parametrize("depth", [MAX_FRAME_DEPTH + 1, MAX_DEPTH + 1, 300, 1024, 1025, 5000])
 def test_deep_nesting_is_a_protocol_error_not_a_recursion_error(depth: int) -> None:
     # The payload sits one level inside the frame's array.
     with pytest.raises(ProtocolError):
         V2.decode_text(v2_frame(payload=nested(depth - 1)))
     with pytest.raises(ProtocolError):
         V1.decode_text(v1_frame(payload=nested(depth - 1)))
-    with pytest.raises(ValueError):
-        loads(nested(depth))
+    if depth > MAX_DEPTH:
+        with pytest.raises(ValueError):
+            loads(nested(depth))
+    else:
+        assert loads(nested(depth))  # other JSON (API bodies) may nest up to MAX_DEPTH
 
 
-def test_nesting_up_to_the_limit_is_accepted_and_written_back() -> None:
+def test_nesting_up_to_the_limit_is_accepted_and_written_back_readable() -> None:
     # With a big integer inside, so that the exact (stdlib) reading is taken too.
-    payload = "[" * (MAX_DEPTH - 1) + "123456789012345678901234567890" + "]" * (MAX_DEPTH - 1)
+    depth = MAX_FRAME_DEPTH - 1  # the payload's own levels
+    payload = "[" * depth + "123456789012345678901234567890" + "]" * depth
     msg = V2.decode_text(v2_frame(payload=payload))
+    meta = f'{{"status":{payload}}}'
     for encoded in (
         V2.encode_reply("1", "1", "t", "ok", msg.payload),
         V1.encode_reply("1", "1", "t", "ok", msg.payload),
         V2.encode_broadcast("t", "e", {"msgs": [msg.payload]}),
+        # The deepest the server goes: a presence meta value inside a presence_diff.
+        V1.encode_broadcast(
+            "t", "presence_diff", {"joins": {"u": {"metas": [loads(meta)]}}, "leaves": {}}
+        ),
     ):
         assert payload.encode() in encoded[1]
+        loads(encoded[1])  # the server's own output is readable JSON again
 
 
 @pytest.mark.parametrize(

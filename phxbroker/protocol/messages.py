@@ -6,8 +6,9 @@ the connection with 1011, as Phoenix does.
 The JSON rule: whatever `loads` accepts, `dumps` can write back unchanged. `loads` parses
 with orjson, which refuses invalid UTF-8, lone surrogates (`"\\ud800"`), NaN and numbers
 that overflow a double, and nesting beyond 1,024 levels; on top of that `loads` refuses
-nesting beyond MAX_DEPTH levels, so that anything the server builds around a decoded
-value (a reply, a presence diff, the status map) stays within what orjson writes. The only
+nesting beyond MAX_DEPTH levels (MAX_FRAME_DEPTH for a client frame, so that anything the
+server builds around a client's value, a reply, a presence diff or the status map, is
+itself at most MAX_DEPTH deep: readable again, and well within what orjson writes). The only
 thing orjson reads inexactly is an integer beyond 64 bits (it becomes a float), so a
 document with such a number is read again by the standard library, which keeps it exact;
 `dumps` writes those integers (and RawJSON fragments next to them) with its own slower
@@ -33,11 +34,14 @@ PHX_CLOSE = "phx_close"
 PHX_ERROR = "phx_error"
 HEARTBEAT = "heartbeat"
 
-# Nesting levels a decoded document may have. Serializers wrap a client's value in at most
-# seven more levels (a presence meta inside a presence_diff), well within the 254 that
-# orjson writes, and the standard library's recursive reader never gets near Python's
-# recursion limit. serde_json's default is the same 128.
+# Nesting levels a decoded document may have: well within the 254 that orjson writes, and
+# the standard library's recursive reader never gets near Python's recursion limit.
+# serde_json's default is the same 128.
 MAX_DEPTH = 128
+# A client frame may nest less: the server puts a client's value at most four levels deeper
+# than it was in its frame (a presence meta value inside a presence_diff), and what the
+# server writes must be readable again with MAX_DEPTH.
+MAX_FRAME_DEPTH = MAX_DEPTH - 8
 
 # Refs are echoed back as sent; phoenix.js sends short decimal strings. A ref must be null,
 # a string of at most this many UTF-8 bytes (the V2 binary frame's limit), or an integer
@@ -74,10 +78,10 @@ class Message:
     payload: Any  # a JSON value, or bytes for a binary push
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON exactly (big integers stay integers); raise ValueError, with a reason,
-    for anything that is not JSON `dumps` could write back unchanged (see the module
-    docstring)."""
+    for anything that is not JSON `dumps` could write back unchanged, or that nests more
+    than `max_depth` levels (see the module docstring)."""
     if isinstance(data, str):
         try:
             raw = data.encode()
@@ -90,8 +94,8 @@ def loads(data: bytes | str) -> Any:
     except orjson.JSONDecodeError as exc:
         raise ValueError(str(exc)) from None
     # Depth can only exceed MAX_DEPTH if there are that many opening brackets at all.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_exceeds(value, MAX_DEPTH):
-        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if raw.count(b"[") + raw.count(b"{") > max_depth and _depth_exceeds(value, max_depth):
+        raise ValueError(f"nested deeper than {max_depth} levels")
     if _LONG_NUMBER.search(raw) is not None:
         value = _loads_exact(raw)
     return value

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from phxbroker.protocol.messages import (
+    MAX_FRAME_DEPTH,
     PHX_REPLY,
     EncodeError,
     Message,
@@ -114,7 +115,7 @@ class V2Serializer(Serializer):
 
 def _parse(data: bytes | str) -> Any:
     try:
-        return loads(data)
+        return loads(data, MAX_FRAME_DEPTH)
     except ValueError as exc:
         raise ProtocolError(
             f"text frame is not a JSON message the server accepts ({exc})"

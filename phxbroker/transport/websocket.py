@@ -88,6 +88,10 @@ class WebSocketPeer:
 
     # -- the broker's side ---------------------------------------------------------------
 
+    @property
+    def open(self) -> bool:
+        return self.state == OPEN
+
     def send(self, encoded: tuple[bool, bytes]) -> None:
         is_binary, data = encoded
         self.hub.stats.messages_out += 1
@@ -106,10 +110,6 @@ class WebSocketPeer:
             frames[self.serializer] = frame
         if frame:
             self._write(frame)
-
-    @property
-    def open(self) -> bool:
-        return self.state == OPEN
 
     def close(self, code: int, reason: str = "") -> None:
         """Queue a close frame after what is already queued; the client's answer ends it."""
