@@ -58,7 +58,10 @@ json_scalars = st.one_of(
 
 hostile_scalars = st.one_of(
     st.sampled_from(LONE_SURROGATES).map(lambda s: f'"a{s}b"'),
-    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999", "1" * 400, "9" * 5000]),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999"]),
+    st.sampled_from([("1", 400), ("9", 5000)]).map(
+        lambda digit_count: digit_count[0] * digit_count[1]
+    ),
     st.sampled_from(["true", "false", "0.5", "[]", "{}", str(2**64), str(-(2**63) - 1)]),
     st.integers(min_value=1, max_value=300).map(lambda n: "[" * n + "]" * n),
     st.sampled_from([1025, 1100, 129, 128, 127]).map(lambda n: "[" * n + "]" * n),
