@@ -52,6 +52,7 @@ allow_anonymous = true
 max_connections = 0
 max_connections_per_ip = 0
 message_rate = 0
+frame_rate = 0
 [admin]
 socket = ""
 [hooks]

@@ -47,11 +47,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_benchmarks import (
-    API_KEY,
     LOADGEN,
-    SERVER_CONFIG,
     LineReader,
     ServerProcess,
+    bench_config,
     pinned,
 )
 
@@ -426,7 +425,7 @@ def storm(opts: argparse.Namespace, pyspy: str | None) -> tuple[dict, dict, str]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = tmp / "bench.toml"
-        config.write_text(SERVER_CONFIG.format(api_key=API_KEY))
+        config.write_text(bench_config())
         gc_report = tmp / "gc.json"
         raw = tmp / "samples.txt"
         env = {**os.environ, "PHXBROKER_GC_REPORT": str(gc_report)}

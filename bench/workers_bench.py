@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from cluster_bench import RedisForBench  # noqa: E402 - beside this file
 from procstat import process_cpu_seconds  # noqa: E402
-from run_benchmarks import API_KEY, LOADGEN, SERVER_CONFIG, ServerProcess  # noqa: E402
+from run_benchmarks import LOADGEN, ServerProcess, bench_config  # noqa: E402
 
 SERVERS = ("one", "one-cluster", "workers2")
 CLUSTER = """
@@ -67,7 +67,7 @@ def scenarios(opts: argparse.Namespace) -> dict[str, str]:
 
 
 def server_config(server: str, redis_port: int | None) -> str:
-    text = SERVER_CONFIG.format(api_key=API_KEY)
+    text = bench_config()
     if server == "workers2":
         text = text.replace("[server]\n", "[server]\nworkers = 2\n", 1)
         # A long-poll session lives in one worker; the benchmark speaks websocket only.

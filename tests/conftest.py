@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import support.fuzz  # noqa: F401  (registers the hypothesis profiles, see `make fuzz`)
 from support.broker import BrokerProcess
 from support.node_client import NodeClient, check_node_installed
 

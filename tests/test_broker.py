@@ -7,12 +7,14 @@ import tomllib
 from typing import Any
 
 import pytest
-from support.fake_peer import CONFIG, Clock, FakePeer, connect, join
+from support.fake_peer import CONFIG, Clock, FakePeer, apply_frames, connect, join, strip
 
+from phxbroker.broker import core
 from phxbroker.broker.core import Broadcast, Broker
+from phxbroker.broker.presence import Presence
 from phxbroker.config.settings import parse_config
-from phxbroker.protocol.messages import Message
-from phxbroker.protocol.serializers import V1
+from phxbroker.protocol.messages import Message, dumps
+from phxbroker.protocol.serializers import V1, V2
 
 
 @pytest.fixture
@@ -314,7 +316,9 @@ def test_presence_converges_for_joiners_like_phoenix_js(broker: Broker, clock: C
     broker.tick()
     for p in peers:
         views[p.id] = apply_frames(p.take())
-    truth = strip({k: v["metas"] for k, v in broker.topics["room:p"].presence.state().items()})
+    # Meta values are kept encoded (RawJSON): compare what a client would decode.
+    state = json.loads(dumps(broker.topics["room:p"].presence.state()))
+    truth = strip({k: v["metas"] for k, v in state.items()})
     for p in peers[1:]:
         if p is peers[3]:
             continue
@@ -323,47 +327,6 @@ def test_presence_converges_for_joiners_like_phoenix_js(broker: Broker, clock: C
     assert sorted(truth) == ["u0", "u1", "u2"]  # u0 still has its second socket
     updated = broker.topics["room:p"].presence.metas["u2"]
     assert all("phx_ref_prev" in m for m in updated.values())
-
-
-def apply_frames(frames: list[Any]) -> dict:
-    """phoenix.js Presence: diffs wait for the state; joins then leaves, keyed by phx_ref."""
-    state = None
-    pending = []
-    for f in frames:
-        if f[3] == "presence_state":
-            state = {k: list(v["metas"]) for k, v in f[4].items()}
-            for diff in pending:
-                apply_diff(state, diff)
-            pending = []
-        elif f[3] == "presence_diff":
-            if state is None:
-                pending.append(f[4])
-            else:
-                apply_diff(state, f[4])
-    return state or {}
-
-
-def apply_diff(state: dict, diff: dict) -> None:
-    for key, value in diff["joins"].items():
-        refs = {m["phx_ref"] for m in value["metas"]}
-        state[key] = [m for m in state.get(key, []) if m["phx_ref"] not in refs] + value["metas"]
-    for key, value in diff["leaves"].items():
-        refs = {m["phx_ref"] for m in value["metas"]}
-        remaining = [m for m in state.get(key, []) if m["phx_ref"] not in refs]
-        if remaining:
-            state[key] = remaining
-        else:
-            state.pop(key, None)
-
-
-def strip(state: dict) -> dict:
-    return {
-        k: sorted(
-            ({f: v for f, v in m.items() if f not in ("phx_ref", "phx_ref_prev")} for m in metas),
-            key=json.dumps,
-        )
-        for k, metas in sorted(state.items())
-    }
 
 
 def test_status_map_lists_a_user_once_and_coalesces(broker: Broker, clock: Clock) -> None:
@@ -662,7 +625,8 @@ def test_other_nodes_presence_merges_and_converges_like_phoenix_js(
     broker.merge_presence([("room:elsewhere-no-rule", "x", remote, None)])  # no rule: ignored
     clock.now += 1
     broker.tick()
-    truth = strip({k: v["metas"] for k, v in broker.topics["room:m"].presence.state().items()})
+    state = json.loads(broker.topics["room:m"].presence.snapshot_json())
+    truth = strip({k: v["metas"] for k, v in state.items()})
     assert sorted(truth) == ["alice", "bob", "carol"]
     assert strip(apply_frames(early.take())) == truth
     assert strip(apply_frames(late.take())) == truth
@@ -708,3 +672,230 @@ def test_a_broadcast_from_another_node_reaches_local_subscribers_only(broker: Br
     assert [f[4] for f in alice.take()] == [{"n": 1}]
     assert list(broker.topics["all"].history) == [{"n": 1}]
     assert [s for s in fanout.seen if s[0] == "broadcast"] == []
+
+
+# -- one failure never takes the broker down ------------------------------------------------
+
+
+class BrokenPeer(FakePeer):
+    """A peer whose transport fails when the broker hands it a message."""
+
+    def send(self, encoded: tuple[bool, bytes]) -> None:
+        raise RuntimeError("transport bug")
+
+
+def test_a_failing_client_command_is_logged_counted_and_skipped(broker: Broker, caplog) -> None:
+    broken = BrokenPeer("mallory")
+    broker.connect(broken)
+    alice = connect(broker, "alice")
+    join(broker, broken, "public", "7")  # the reply cannot be sent
+    join(broker, alice, "public", "8")
+    assert broker.stats.internal_errors == 1
+    errors = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(errors) == 1
+    assert "'public'" in errors[0].getMessage()
+    assert f"connection {broken.id}" in errors[0].getMessage()
+    assert alice.take()[0][4]["status"] == "ok"
+
+
+def test_a_failing_flush_skips_only_that_topic(broker: Broker, clock: Clock, caplog) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "room:a")
+    join(broker, bob, "room:b")
+    clock.now += 1
+    broker.tick()
+    alice.take(), bob.take()
+    # A value no serializer can write gets into one topic's pending presence diff.
+    broker.topics["room:a"].presence.joins["ghost"] = [{"phx_ref": "x", "bad": {1, 2}}]
+    broker.handle(alice, Message("1", "2", "room:a", "set_status", {"status": "away"}))
+    broker.handle(bob, Message("1", "2", "room:b", "set_status", {"status": "away"}))
+    clock.now += 1
+    broker.tick()  # does not raise
+    assert broker.stats.internal_errors == 1
+    [error] = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert "'room:a'" in error.getMessage()
+    assert bob.events() == ["presence_diff"]
+    assert alice.events() == []  # skipped: the pending diff was dropped...
+    room_a = broker.topics["room:a"]
+    assert not room_a.due and not room_a.presence.dirty
+    assert broker.next_deadline() is None
+    # ...and the topic works on.
+    broker.handle(alice, Message("1", "3", "room:a", "set_status", {"status": "back"}))
+    clock.now += 1
+    broker.tick()
+    assert alice.events() == ["presence_diff"]
+    assert broker.stats.internal_errors == 1
+
+
+def test_a_failing_flush_of_a_topic_nobody_is_left_on_forgets_it(
+    broker: Broker, clock: Clock, monkeypatch
+) -> None:
+    alice = connect(broker, "alice")
+    join(broker, alice, "room:a")
+    clock.now += 1
+    broker.tick()
+    take_diff = Presence.take_diff
+    calls = []
+
+    def failing_once(self: Presence) -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return take_diff(self)
+
+    monkeypatch.setattr(Presence, "take_diff", failing_once)
+    broker.disconnect(alice)
+    clock.now += 1
+    broker.tick()
+    assert broker.stats.internal_errors == 1
+    assert "room:a" not in broker.topics
+
+
+def test_a_failing_topic_on_reload_does_not_stop_the_others(broker: Broker) -> None:
+    broken = BrokenPeer("bob")
+    broker.connect(broken)
+    alice = connect(broker, "alice")
+    broken.serializer = V2
+    broker.handle(broken, Message("1", "1", "crashy", "phx_join", {}))  # reply fails: counted
+    join(broker, alice, "quiet", "2")
+    assert "crashy" in broker.topics
+    alice.take()
+    without = CONFIG.replace('[[topics]]\npattern = "crashy"\nunhandled = "crash"\n', "")
+    without = without.replace('[[topics]]\npattern = "quiet"\nunhandled = "ignore"\n', "")
+    config = parse_config(tomllib.loads(without))
+    broker.configure(config.topics, config.server.max_channels)  # does not raise
+    assert broker.stats.internal_errors == 2
+    assert alice.take() == [["2", "2", "quiet", "phx_close", {}]]
+    assert "crashy" not in broker.topics and not broken.channels
+
+
+# -- counts never include connections that are closing ---------------------------------------
+
+
+def test_counts_leave_out_connections_that_are_closing(broker: Broker) -> None:
+    alice, alice2, bob = connect(broker, "alice"), connect(broker, "alice"), connect(broker, "bob")
+    for p in (alice, alice2, bob):
+        join(broker, p, "public", "4")
+        p.take()
+    bob.close(1001, "server shutting down")  # closing: still joined until it disconnects
+    assert broker.publish("public", "news", {}) == 2
+    alice2.close(1001, "server shutting down")
+    assert broker.kick("alice", "public") == 1
+    assert broker.disconnect_user("alice") == 1
+    assert broker.disconnect_user("bob") == 0
+
+
+# -- what one connection can make the server keep ---------------------------------------------
+
+
+def blocks_retained_by(action) -> int:
+    """How many Python memory blocks allocated by `action()` are still alive after it.
+
+    Blocks, not bytes: orjson reserves more address space for its output than it fills,
+    and tracemalloc counts that reservation although the pages are never touched."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        action()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    return sum(stat.count_diff for stat in after.compare_to(before, "filename"))
+
+
+def test_presence_metas_and_history_are_kept_as_json_not_objects(
+    broker: Broker, clock: Clock
+) -> None:
+    # JSON that expands the most in Python objects: 60,000 empty arrays, ~20x its size.
+    value = "[" + ",".join(["[]"] * 60_000) + "]"
+    join_frame = f'["1","1","room:big","phx_join",{{"status":{value}}}]'
+    relay_frame = f'["1","2","all","msg",{{"v":{value}}}]'
+    alice = connect(broker, "alice")
+    join(broker, alice, "all", "1")
+
+    def keep() -> None:
+        broker.handle(alice, V2.decode_text(join_frame))
+        broker.handle(alice, V2.decode_text(relay_frame))
+        clock.now += 1
+        broker.tick()
+        alice.take()
+        alice.sent.clear()
+
+    assert blocks_retained_by(keep) < 1000
+    status = json.loads(broker._status_json(broker.topics["all"]))
+    assert len(status["msgs"][0]["v"]) == 60_000
+    state = json.loads(broker.topics["room:big"].presence.snapshot_json())
+    assert len(state["alice"]["metas"][0]["status"]) == 60_000
+
+
+def test_presence_changes_between_flushes_do_not_pile_up(broker: Broker, clock: Clock) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "room:x")
+    join(broker, bob, "room:x")
+    clock.now += 1
+    broker.tick()
+    bob.take()
+    for n in range(500):
+        broker.handle(alice, Message("1", str(n), "room:x", "set_status", {"status": n}))
+    presence = broker.topics["room:x"].presence
+    assert sum(map(len, presence.joins.values())) + sum(map(len, presence.leaves.values())) == 2
+    clock.now += 1
+    broker.tick()
+    [diff] = [f[4] for f in bob.take() if f[3] == "presence_diff"]
+    view = {"alice": [{"status": None, "phx_ref": diff["leaves"]["alice"]["metas"][0]["phx_ref"]}]}
+    from support.fake_peer import apply_diff
+
+    apply_diff(view, diff)
+    assert [m["status"] for m in view["alice"]] == [499]
+
+
+def test_binary_relays_stay_out_of_the_json_history(clock: Clock) -> None:
+    config = parse_config(
+        tomllib.loads(
+            '[[topics]]\npattern = "all"\nrelay = ["msg"]\nhistory = 5\n'
+            'status_event = "status_users"\nstatus_fields = ["msgs"]\ncoalesce_ms = 100\n'
+        )
+    )
+    broker = Broker(config.topics, clock=clock)
+    alice = connect(broker, "alice")
+    join(broker, alice, "all")
+    broker.handle(alice, Message("1", "2", "all", "msg", b"\x00\x01"))
+    broker.handle(alice, Message("1", "3", "all", "msg", {"n": 1}))
+    clock.now += 1
+    broker.tick()
+    assert broker.stats.internal_errors == 0
+    statuses = [f[4] for f in alice.take() if isinstance(f, list) and f[3] == "status_users"]
+    assert statuses[-1] == {"msgs": [{"n": 1}]}
+
+
+def test_topics_nobody_is_on_are_kept_for_their_counters_up_to_a_bound(
+    broker: Broker, monkeypatch
+) -> None:
+    monkeypatch.setattr(core, "MAX_KEPT_TOPICS", 3)
+    alice = connect(broker, "alice")
+    for n in range(5):
+        join(broker, alice, f"room:{n}")
+        broker.handle(alice, Message("1", "2", f"room:{n}", "hit", {}))
+        broker.handle(alice, Message("1", "3", f"room:{n}", "phx_leave", {}))
+    assert sorted(broker.topics) == ["room:2", "room:3", "room:4"]
+    assert broker.topics["room:4"].hits == 1
+    join(broker, alice, "room:2")  # subscribed again: no longer a kept topic
+    broker.handle(alice, Message("1", "3", "room:2", "phx_leave", {}))
+    assert list(broker.kept) == ["room:3", "room:4", "room:2"]
+
+
+def test_summaries_list_topics_and_users(broker: Broker) -> None:
+    alice, bob = connect(broker, "alice"), connect(broker, "bob")
+    join(broker, alice, "public")
+    join(broker, bob, "public")
+    join(broker, alice, "users:alice")
+    assert sorted(t["topic"] for t in broker.topic_summary()) == ["public", "users:alice"]
+    assert sorted(broker.user_summary(), key=lambda u: u["user"]) == [
+        {"user": "alice", "connections": 1, "topics": ["public", "users:alice"]},
+        {"user": "bob", "connections": 1, "topics": ["public"]},
+    ]

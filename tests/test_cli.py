@@ -186,7 +186,14 @@ def test_stats_once_prints_the_view(broker_factory: Callable[..., BrokerProcess]
     result = cli("stats", "--once", "--interval", "0.1", "--config", broker.config_path)
     assert result.returncode == 0, result.stderr
     assert f"pid {broker.pid}" in result.stdout
-    for label in ("connections", "messages in", "bytes out", "auth failures", "memory"):
+    for label in (
+        "connections",
+        "messages in",
+        "bytes out",
+        "auth failures",
+        "internal errors",
+        "memory",
+    ):
         assert label in result.stdout
 
 

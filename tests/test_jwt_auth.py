@@ -272,6 +272,13 @@ def test_custom_user_claim_refuses_other_json_values(value, kind):
     assert str(error) == f"token claim 'user_id' is {kind}, not a string or integer user id"
 
 
+@pytest.mark.parametrize("claim", ["sub", "user_id"])
+def test_a_user_claim_with_a_lone_surrogate_is_refused(claim):
+    verifier = JwtVerifier(secret=SECRET, user_claim=claim)
+    error = refused(verifier, hs_token(claims(**{claim: "mal\ud800lory"})))
+    assert str(error) == f"token claim {claim!r} is not valid Unicode text"
+
+
 def test_null_and_empty_user_claims_are_refused():
     verifier = JwtVerifier(secret=SECRET, user_claim="user_id")
     payload = {**claims(), "user_id": None}

@@ -293,9 +293,15 @@ def _user_id(value: Any, claim: str) -> str:
                 f"token claim {claim!r} is too large an integer for a user id"
             ) from None
     elif isinstance(value, str):
-        if value:
-            return value
-        raise TokenError(f"token claim {claim!r} is an empty string, not a user id")
+        if not value:
+            raise TokenError(f"token claim {claim!r} is an empty string, not a user id")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # JSON lets a token carry a lone surrogate ("\ud800"); as a user id it could not
+            # be written back to clients, logs or the CLI exactly.
+            raise TokenError(f"token claim {claim!r} is not valid Unicode text") from None
+        return value
     else:
         kind = {float: "a fractional number", list: "a list", dict: "an object"}.get(
             type(value), "not text"

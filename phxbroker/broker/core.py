@@ -18,6 +18,14 @@ Two seams reach beyond this process:
 * a channel may wait for an answer from outside (the app's back end): `defer` holds its
   later messages, in order, while the broker serves everyone else, and `resume` hands
   them on once the answer has been applied.
+
+No exception leaves the broker: a client command, one topic's coalesced flush or one
+topic's re-check on reload that fails is logged once (with the topic and connection),
+counted in `Stats.internal_errors`, and only that unit of work is skipped.
+
+Client values the broker keeps beyond one command (presence meta values, history
+entries) are kept as their JSON encoding (RawJSON), so each costs at most the size of the
+frame it came in, never a multiple of it in Python objects.
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ from phxbroker.protocol.messages import EncodeError, Message, RawJSON
 from phxbroker.protocol.serializers import Serializer
 
 log = logging.getLogger("phxbroker.broker")
+
+# Topics nobody is subscribed to are kept for their counters and history (the status
+# map's hits and msgs), at most this many: a client that joins, counts and leaves topic
+# after topic cannot make the broker keep them all; the least recently left go first.
+MAX_KEPT_TOPICS = 10_000
 
 UNMATCHED = {"reason": "unmatched topic"}
 UNAUTHORIZED = {"reason": "unauthorized"}
@@ -100,6 +113,11 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """End the connection (the transport decides how)."""
+
+    @property
+    def open(self) -> bool:
+        """False once the connection is closing: it still counts as joined until the
+        transport disconnects it, but nothing sent to it arrives."""
 
 
 class Fanout(Protocol):
@@ -299,6 +317,8 @@ class Broker:
         self.clock = clock
         self.wall_clock = wall_clock
         self.topics: dict[str, Topic] = {}
+        # Topics without subscribers kept for their state, least recently left first.
+        self.kept: dict[str, Topic] = {}
         self.peers: set[Peer] = set()
         self.users: dict[str, set[Peer]] = {}
         self._schedule: list[tuple[float, int, Topic]] = []
@@ -324,20 +344,26 @@ class Broker:
         self.rules = tuple(rules)
         self.max_channels = max_channels
         for topic in list(self.topics.values()):
-            found = find_rule(self.rules, topic.name)
-            if found is None or found[0].presence != topic.rule.presence:
-                event = messages.PHX_CLOSE if found is None else messages.PHX_ERROR
-                for peer, channel in list(topic.subscribers.items()):
-                    self._end_channel(peer, channel, event)
-                self.topics.pop(topic.name, None)
-                continue
-            topic.rule, topic.captures = found
-            topic.status_json = None
-            if topic.history.maxlen != (topic.rule.history or None):
-                topic.history = deque(topic.history, maxlen=topic.rule.history or None)
+            try:
+                self._reconfigure_topic(topic)
+            except Exception:
+                self._internal_error("re-checking a topic on reload", topic.name)
+
+    def _reconfigure_topic(self, topic: Topic) -> None:
+        found = find_rule(self.rules, topic.name)
+        if found is None or found[0].presence != topic.rule.presence:
+            event = messages.PHX_CLOSE if found is None else messages.PHX_ERROR
             for peer, channel in list(topic.subscribers.items()):
-                if not topic.rule.join.allows(peer.user, topic.captures):
-                    self._end_channel(peer, channel, messages.PHX_CLOSE)
+                self._end_channel(peer, channel, event)
+            self._drop_topic(topic)
+            return
+        topic.rule, topic.captures = found
+        topic.status_json = None
+        if topic.history.maxlen != (topic.rule.history or None):
+            topic.history = deque(topic.history, maxlen=topic.rule.history or None)
+        for peer, channel in list(topic.subscribers.items()):
+            if not topic.rule.join.allows(peer.user, topic.captures):
+                self._end_channel(peer, channel, messages.PHX_CLOSE)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -391,12 +417,15 @@ class Broker:
         self._dispatch(peer, msg)
 
     def _dispatch(self, peer: Peer, msg: Message) -> None:
-        if msg.event == messages.PHX_JOIN:
-            self._join(peer, msg)
-        elif msg.event == messages.PHX_LEAVE:
-            self._leave(peer, msg)
-        else:
-            self._push(peer, msg)
+        try:
+            if msg.event == messages.PHX_JOIN:
+                self._join(peer, msg)
+            elif msg.event == messages.PHX_LEAVE:
+                self._leave(peer, msg)
+            else:
+                self._push(peer, msg)
+        except Exception:
+            self._internal_error(f"handling {_shown(msg.event)}", msg.topic, peer)
 
     # -- channels waiting for an answer from outside ------------------------------------
 
@@ -530,8 +559,11 @@ class Broker:
 
     def publish(self, topic: str, event: str, payload: Any) -> int:
         """Broadcast to a topic's subscribers, here and (through the fanout) on every other
-        node; returns how many it reached here."""
-        return self._publish(Broadcast(topic, event, payload))
+        node; returns how many it reached here (connections already closing are not
+        counted: nothing more reaches them)."""
+        self._publish(Broadcast(topic, event, payload))
+        t = self.topics.get(topic)
+        return 0 if t is None else sum(1 for peer in t.subscribers if peer.open)
 
     def _publish(self, broadcast: Broadcast, except_peer: Peer | None = None) -> int:
         t = self.topics.get(broadcast.topic)
@@ -547,18 +579,20 @@ class Broker:
         self, user: str, code: int = close_codes.GOING_AWAY, reason: str = "disconnected"
     ) -> int:
         """Close every connection of a user, as Phoenix's "disconnect" broadcast does, here
-        and on every other node; returns how many were closed here."""
+        and on every other node; returns how many were open here (not closing already)."""
         closed = self.disconnect_user_here(user, code, reason)
         self.fanout.disconnect_user(user, code, reason)
         return closed
 
     def disconnect_user_here(self, user: str, code: int, reason: str) -> int:
-        """Close a user's connections on this node only; how many."""
+        """Close a user's connections on this node only; how many were open."""
         peers = list(self.users.get(user, ()))
+        closed = 0
         for peer in peers:
+            closed += peer.open
             self.disconnect(peer)
             peer.close(code, reason)
-        return len(peers)
+        return closed
 
     def kick(self, user: str, topic: str) -> int:
         """Remove a user from one topic, here and on every other node; each of its channels
@@ -572,9 +606,11 @@ class Broker:
         if t is None:
             return 0
         kicked = [(p, c) for p, c in t.subscribers.items() if p.user == user]
+        removed = 0
         for peer, channel in kicked:
+            removed += peer.open
             self._end_channel(peer, channel, messages.PHX_CLOSE)
-        return len(kicked)
+        return removed
 
     # -- time ----------------------------------------------------------------------------
 
@@ -593,8 +629,9 @@ class Broker:
         self.activity.tick(now)
         while self._schedule and self._schedule[0][0] <= now:
             _, _, topic = heapq.heappop(self._schedule)
-            topic.due = False
-            self._flush_topic(topic, now)
+            if topic.due:
+                topic.due = False
+                self._flush_safely(topic, now)
 
     # -- protocol ------------------------------------------------------------------------
 
@@ -677,6 +714,8 @@ class Broker:
         topic = self.topics.get(name)
         if topic is None:
             topic = self.topics[name] = Topic(name, rule, captures)
+        elif not topic.subscribers:
+            self.kept.pop(name, None)
         occupied = not topic.subscribers
         channel = Channel(topic, msg.join_ref, assigns, ref=msg.ref)
         peer.channels[name] = channel
@@ -751,7 +790,10 @@ class Broker:
         elif event in rule.relay and self._relayable(rule, payload):
             if rule.relay_user_key and isinstance(payload, dict):
                 payload = {**payload, rule.relay_user_key: peer.user}
-            if rule.history:
+            if rule.history and not isinstance(payload, bytes):
+                # Kept encoded: a stored entry costs what its frame did (binary payloads
+                # cannot be part of the JSON status map).
+                payload = RawJSON(messages.dumps(payload))
                 topic.history.append(payload)
                 self._status_changed(topic, "msgs")
             relayed = Broadcast(msg.topic, event, payload)
@@ -838,8 +880,23 @@ class Broker:
         )
 
     def _forget_if_idle(self, topic: Topic) -> None:
-        if topic.idle and self.topics.get(topic.name) is topic:
+        if self.topics.get(topic.name) is not topic or topic.subscribers:
+            return
+        if topic.idle:
+            self._drop_topic(topic)
+            return
+        self.kept.pop(topic.name, None)  # now the most recently left
+        self.kept[topic.name] = topic
+        while len(self.kept) > MAX_KEPT_TOPICS:
+            self._drop_topic(next(iter(self.kept.values())))
+
+    def _drop_topic(self, topic: Topic) -> None:
+        """Forget a topic (its subscribers, if any, are already gone)."""
+        if self.topics.get(topic.name) is topic:
             del self.topics[topic.name]
+        if self.kept.get(topic.name) is topic:
+            del self.kept[topic.name]
+        topic.due = False  # a flush still scheduled for it finds nothing to do
 
     @staticmethod
     def _presence_key(peer: Peer) -> str:
@@ -858,7 +915,7 @@ class Broker:
         elif isinstance(params, dict):
             for key in topic.rule.presence_meta:
                 if key in params:
-                    meta[key] = params[key]
+                    meta[key] = RawJSON(messages.dumps(params[key]))  # see the module doc
         key = self._presence_key(peer)
         joined = topic.presence.track(key, meta)
         channel.phx_ref = joined["phx_ref"]
@@ -868,7 +925,9 @@ class Broker:
         topic = channel.topic
         if topic.presence is None or channel.phx_ref is None or not isinstance(payload, dict):
             return
-        changes = {k: payload[k] for k in topic.rule.presence_meta if k in payload}
+        changes = {
+            k: RawJSON(messages.dumps(payload[k])) for k in topic.rule.presence_meta if k in payload
+        }
         key = self._presence_key(peer)
         old = topic.presence.metas.get(key, {}).get(channel.phx_ref)
         meta = topic.presence.update(key, channel.phx_ref, changes)
@@ -907,12 +966,36 @@ class Broker:
         interval = topic.rule.coalesce_ms / 1000
         now = self.clock()
         if interval == 0:
-            self._flush_topic(topic, now)
+            self._flush_safely(topic, now)
             return
         # Leading edge: a change after a quiet interval goes out with the current batch.
         due = max(now, topic.last_flush + interval)
         topic.due = True
         heapq.heappush(self._schedule, (due, next(self._seq), topic))
+
+    def _flush_safely(self, topic: Topic, now: float) -> None:
+        """Flush one topic; if that fails, its pending diff and status change are dropped
+        (its subscribers miss one update) and the broker carries on."""
+        try:
+            self._flush_topic(topic, now)
+        except Exception:
+            self._internal_error("flushing presence and status", topic.name)
+            topic.last_flush = now
+            topic.status_dirty = False
+            topic.status_json = None
+            if topic.presence is not None:
+                topic.presence.take_diff()
+            self._forget_if_idle(topic)
+
+    def _internal_error(self, what: str, topic: Any, peer: Peer | None = None) -> None:
+        """Log (once, with the traceback) and count a failure the broker survived."""
+        self.stats.internal_errors += 1
+        log.exception(
+            "internal error %s on topic %s%s; skipped",
+            what,
+            _shown(topic),
+            "" if peer is None else f" for connection {peer.id}",
+        )
 
     def _flush_topic(self, topic: Topic, now: float) -> None:
         topic.last_flush = now
@@ -981,7 +1064,7 @@ class Broker:
         topic = self.topics.get(broadcast.topic)
         if topic is None:
             return 0
-        if broadcast.relayed and topic.rule.history:
+        if broadcast.relayed and topic.rule.history and not isinstance(broadcast.payload, bytes):
             topic.history.append(broadcast.payload)
             self._status_changed(topic, "msgs")
         if not topic.subscribers:
@@ -1074,3 +1157,10 @@ def _user_count(topic: Topic) -> int:
     if topic.rule.tracks_users:
         return len(topic.user_sockets)
     return len({peer.user for peer in topic.subscribers if peer.user is not None})
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A client-chosen name (a topic or event, whatever JSON value it is) for a log line:
+    quoted, and cut if it is long."""
+    text = value if isinstance(value, str) else messages.dumps(value).decode()
+    return repr(text if len(text) <= limit else text[:limit] + "...")

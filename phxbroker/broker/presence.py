@@ -66,6 +66,17 @@ class Presence:
         meta = metas.pop(phx_ref)
         if not metas:
             del self.metas[key]
+        # A meta that joined since the last diff leaves it again instead of adding a leave:
+        # clients end in the same state, and the pending diff never holds more metas than
+        # were present at the last flush plus those present now, however often they change.
+        joined = self.joins.get(key)
+        if joined is not None:
+            for index, pending in enumerate(joined):
+                if pending is meta:
+                    del joined[index]
+                    if not joined:
+                        del self.joins[key]
+                    return meta
         self.leaves.setdefault(key, []).append(meta)
         return meta
 

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from phxbroker.auth.bans import parse_duration
 from phxbroker.cli.common import admin_socket_path, config_option, fail
 from phxbroker.cli.control_client import AdminClient, AdminError, DaemonUnreachable
-from phxbroker.cli.statsview import QUIT_HINT, format_duration, rates, render
+from phxbroker.cli.statsview import QUIT_HINT, format_duration, literal, rates, render
 from phxbroker.protocol import messages
 
 
@@ -142,7 +143,13 @@ def topics(config_path: Path, as_json: bool) -> None:
         table.add_column("subscribers per node")
     for t in result:
         presences = "" if t["presences"] is None else str(t["presences"])
-        row = [t["topic"], str(t["subscribers"]), str(t["users"]), presences, str(t["hits"])]
+        row: list[RenderableType] = [
+            literal(t["topic"]),
+            str(t["subscribers"]),
+            str(t["users"]),
+            presences,
+            str(t["hits"]),
+        ]
         if clustered:
             row.append(_per_node(t.get("nodes", {})))
         table.add_row(*row)
@@ -165,7 +172,11 @@ def users(config_path: Path, as_json: bool) -> None:
         if clustered:
             table.add_column("connections per node")
         for u in result["users"]:
-            row = [u["user"], str(u["connections"]), " ".join(u["topics"])]
+            row: list[RenderableType] = [
+                literal(u["user"]),
+                str(u["connections"]),
+                literal(" ".join(u["topics"])),
+            ]
             if clustered:
                 row.append(_per_node(u.get("nodes", {})))
             table.add_row(*row)
@@ -173,7 +184,9 @@ def users(config_path: Path, as_json: bool) -> None:
     else:
         console.print("no users connected")
     for user, left in result["bans"].items():
-        console.print(f"banned: {user} for {format_duration(left)} more")
+        console.print(
+            Text.assemble("banned: ", literal(user), f" for {format_duration(left)} more")
+        )
 
 
 @click.command()

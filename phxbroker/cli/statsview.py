@@ -1,11 +1,13 @@
 """What `phxbroker stats` shows: rates from two reports, and the rich view of one.
 
 Pure functions of the daemon's reports (report.py), so the view can be checked without a
-terminal.
+terminal. Every string a client or operator chose (topics, users, reasons) goes through
+`literal`: shown as it is, never read as rich markup, emoji codes or terminal controls.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -18,6 +20,28 @@ from rich.text import Text
 #   deliveries    broadcast copies handed to subscribers (one broadcast, many deliveries)
 RATE_FIELDS = ("messages_in", "messages_out", "deliveries", "bytes_in", "bytes_out")
 QUIT_HINT = "q or Ctrl-C to quit"
+
+
+def literal(value: object) -> Text:
+    """A client-chosen string as rich should print it: exactly its characters, with
+    control and format characters (escape sequences, bidi overrides) written as escapes."""
+    text = str(value)
+    if text.isprintable():
+        return Text(text)
+    return Text("".join(_visible(ch) for ch in text))
+
+
+def _visible(ch: str) -> str:
+    if ch.isprintable() or ch == " ":
+        return ch
+    if unicodedata.category(ch) in ("Zs",):  # other spaces are harmless
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 def totals(report: dict[str, Any]) -> dict[str, int]:
@@ -52,7 +76,8 @@ def render(
     header = Text.assemble(
         ("phxbroker ", "bold"),
         f"{report['version']} · {pid} · up {format_duration(report['uptime'])}"
-        f" · memory {format_bytes(rss) if rss is not None else 'n/a'} · {source}",
+        f" · memory {format_bytes(rss) if rss is not None else 'n/a'} · ",
+        literal(source),
     )
 
     figures = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
@@ -78,9 +103,11 @@ def render(
     figures.add_row("bytes out", format_bytes(c["bytes_out"]), rate("bytes_out", True))
     figures.add_row("slow clients dropped", f"{c['slow_client_drops']:,}", "")
     figures.add_row("auth failures", f"{c['auth_failures']:,}", "")
+    # Failures the broker survived by skipping one unit of work (see the daemon's log).
+    figures.add_row("internal errors", f"{c.get('internal_errors', 0):,}", "")
     refusals = c.get("refusals") or {}
     detail = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
-    figures.add_row("refusals", f"{sum(refusals.values()):,}", detail)
+    figures.add_row("refusals", f"{sum(refusals.values()):,}", literal(detail))
     hook_calls = c.get("hook_calls") or {}
     if hook_calls:
         outcomes: dict[str, int] = {}
@@ -101,7 +128,9 @@ def render(
     bans = report.get("bans") or {}
     if bans:
         figures.add_row(
-            "bans", f"{len(bans)}", ", ".join(f"{u} {format_duration(s)}" for u, s in bans.items())
+            "bans",
+            f"{len(bans)}",
+            literal(", ".join(f"{u} {format_duration(s)}" for u, s in bans.items())),
         )
 
     topics = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
@@ -113,7 +142,11 @@ def render(
     for t in report["topics"]:
         presences = "" if t["presences"] is None else f"{t['presences']:,}"
         topics.add_row(
-            t["topic"], f"{t['subscribers']:,}", f"{t['users']:,}", presences, f"{t['hits']:,}"
+            literal(t["topic"]),
+            f"{t['subscribers']:,}",
+            f"{t['users']:,}",
+            presences,
+            f"{t['hits']:,}",
         )
     parts: list[RenderableType] = [header, Text(""), figures, Text(""), topics]
     if workers:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from phxbroker.cli.common import DEFAULT_CONFIG, config_option, fail
+from phxbroker.cli.statsview import literal
 from phxbroker.config.table import ConfigError
 from phxbroker.config.tokens_file import HEADER, TokensFile, new_secret, sha256_hex, write_new
 
@@ -334,7 +335,7 @@ def token_list(config_path: Path, as_json: bool) -> None:
         return
     table = Table("kind", "user / name", "sha256", "file", box=None)
     for e in entries:
-        table.add_row(e.kind, e.name, e.sha256[:12] + "…", str(e.source))
+        table.add_row(e.kind, literal(e.name), e.sha256[:12] + "…", literal(e.source))
     Console().print(table if entries else "no tokens or API keys")
 
 

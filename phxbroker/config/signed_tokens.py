@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 from phxbroker.auth.jwt_tokens import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, JwtVerifier
 from phxbroker.auth.phoenix_token import PhoenixTokenVerifier
@@ -19,6 +20,7 @@ from phxbroker.config.table import Table, config_relative
 MIN_SECRET_KEY_BASE = 32  # bytes; `mix phx.gen.secret` makes 64
 DEFAULT_SALT = "user socket"
 DEFAULT_MAX_AGE = 1_209_600  # two weeks, as in Phoenix's generated UserSocket
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def parse_jwt(t: Table) -> SignedTokenConfig:
@@ -108,11 +110,13 @@ def read_secret(t: Table, name: str, what: str) -> bytes:
     var = t.string(env_key, "")
     if not var:
         raise t.error(env_key, "must name an environment variable")
+    # A name that cannot be a variable's is likely the secret itself, pasted in: not shown.
+    shown = var if _ENV_NAME.fullmatch(var) else "it names (not shown: not a variable name)"
     value = os.environ.get(var)
     if value is None:
-        raise t.error(env_key, f"the environment variable {var} is not set")
+        raise t.error(env_key, f"the environment variable {shown} is not set")
     if not value:
-        raise t.error(env_key, f"the environment variable {var} is empty")
+        raise t.error(env_key, f"the environment variable {shown} is empty")
     return value.encode()
 
 

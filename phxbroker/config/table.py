@@ -1,5 +1,9 @@
 """Reading TOML with errors an operator can act on: every problem is one ConfigError
-sentence naming the file, the dotted key and the reason; unknown keys are errors too."""
+sentence naming the file, the dotted key and the reason; unknown keys are errors too.
+
+An error about a secret-bearing key (`token`, `key`, `secret`, `secret_key_base`, anything
+`*_sha256`) names the key and the type of its value, never the value: config errors end
+up in terminals, logs and the journal."""
 
 from __future__ import annotations
 
@@ -7,6 +11,13 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+SECRET_KEYS = frozenset({"token", "key", "secret", "secret_key_base", "password"})
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a key's value may be a secret (or a digest of one)."""
+    return name in SECRET_KEYS or name.endswith("_sha256")
 
 
 class ConfigError(Exception):
@@ -39,6 +50,14 @@ class Table:
     def error(self, name: str, reason: str) -> ConfigError:
         return ConfigError(self._file, self.key(name), reason)
 
+    def describe(self, name: str, value: Any) -> str:
+        """A value for an error message: its type only when the key may hold a secret."""
+        return _describe(value, secret=is_secret_key(name))
+
+    def shown(self, name: str, value: Any) -> str:
+        """A value as an error message may show it (withheld for secret-bearing keys)."""
+        return self.describe(name, value) if is_secret_key(name) else str(value)
+
     def _get(self, name: str) -> Any:
         self._seen.add(name)
         return self._data.get(name)
@@ -51,7 +70,7 @@ class Table:
         if value is None:
             return default
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {_describe(value)}")
+            raise self.error(name, f"expected a string, got {self.describe(name, value)}")
         return value
 
     def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
@@ -59,9 +78,9 @@ class Table:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {_describe(value)}")
+            raise self.error(name, f"expected an integer, got {self.describe(name, value)}")
         if minimum is not None and value < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {value}")
+            raise self.error(name, f"must be at least {minimum}, got {self.shown(name, value)}")
         return value
 
     def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
@@ -69,9 +88,9 @@ class Table:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(name, f"expected a number, got {_describe(value)}")
+            raise self.error(name, f"expected a number, got {self.describe(name, value)}")
         if minimum is not None and value < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {value}")
+            raise self.error(name, f"must be at least {minimum}, got {self.shown(name, value)}")
         return float(value)
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -79,7 +98,7 @@ class Table:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {_describe(value)}")
+            raise self.error(name, f"expected true or false, got {self.describe(name, value)}")
         return value
 
     def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -87,7 +106,7 @@ class Table:
         if value is None:
             return default
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(name, f"expected a list of strings, got {_describe(value)}")
+            raise self.error(name, f"expected a list of strings, got {self.describe(name, value)}")
         return tuple(value)
 
     def raw(self, name: str) -> Any:
@@ -98,7 +117,7 @@ class Table:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise self.error(name, f"expected a table, got {_describe(value)}")
+            raise self.error(name, f"expected a table, got {self.describe(name, value)}")
         return Table(value, self._file, self.key(name))
 
     def tables(self, name: str) -> Iterator[Table]:
@@ -117,11 +136,13 @@ class Table:
                 raise self.error(name, "unknown key")
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, *, secret: bool = False) -> str:
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "a list"
+    if secret:
+        return f"{type(value).__name__} (value withheld: the key may hold a secret)"
     return f"{type(value).__name__} {value!r}"
 
 

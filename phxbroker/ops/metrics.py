@@ -44,6 +44,12 @@ COUNTERS = (
         "Binary messages not sent because long-poll clients cannot receive binary frames.",
     ),
     ("protocol_errors", "protocol_errors", "Client frames that were not Phoenix messages."),
+    (
+        "internal_errors",
+        "internal_errors",
+        "Failures inside the broker that were logged and survived by skipping one command, "
+        "one topic's flush or one topic's re-check on reload.",
+    ),
     ("auth_failures", "auth_failures", "Connects refused by authentication."),
     ("broker_commands", "broker_commands", "Commands run by the broker task."),
 )

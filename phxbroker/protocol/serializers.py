@@ -1,8 +1,10 @@
 """The serializers: V1 (JSON object), V2 (JSON array) and V2 binary frames.
 
 Sans-io: bytes and text in, Message out, and back. Decoding raises ProtocolError for
-anything that is not a Phoenix message; encoding raises EncodeError for a message the
-serializer cannot carry.
+anything that is not a Phoenix message, including one the server could not write back
+unchanged (see `messages.loads`) and refs that are not short scalars (`messages.ref_problem`):
+the same rules in the three decoders (a binary frame's format also bounds its topic and
+event to 255 bytes). Encoding raises EncodeError for a message the serializer cannot carry.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import re
 from typing import Any
 
 from phxbroker.protocol.messages import (
+    MAX_FRAME_DEPTH,
     PHX_REPLY,
     EncodeError,
     Message,
     ProtocolError,
     dumps,
     loads,
+    ref_problem,
 )
 
 
@@ -60,15 +64,13 @@ class V2Serializer(Serializer):
     supports_binary = True
 
     def decode_text(self, data: bytes | str) -> Message:
-        try:
-            value = loads(data)
-        except ValueError:
-            raise ProtocolError("text frame is not valid JSON") from None
+        value = _parse(data)
         if not isinstance(value, list) or len(value) < 5:
             raise ProtocolError("expected a JSON array [join_ref, ref, topic, event, payload]")
         # A topic or event that is not a string is not malformed to Phoenix: no channel
         # has such a topic, no handler such an event (the broker answers accordingly).
         join_ref, ref, topic, event, payload = value[:5]
+        _check_refs(join_ref, ref)
         return Message(join_ref, ref, topic, event, payload)
 
     def decode_binary(self, data: bytes) -> Message:
@@ -117,6 +119,22 @@ class V2Serializer(Serializer):
         return False, dumps([join_ref, join_ref, topic, event, payload])
 
 
+def _parse(data: bytes | str) -> Any:
+    try:
+        return loads(data, MAX_FRAME_DEPTH)
+    except ValueError as exc:
+        raise ProtocolError(
+            f"text frame is not a JSON message the server accepts ({exc})"
+        ) from None
+
+
+def _check_refs(join_ref: Any, ref: Any) -> None:
+    for name, value in (("join_ref", join_ref), ("ref", ref)):
+        problem = ref_problem(value)
+        if problem is not None:
+            raise ProtocolError(f"{name} is {problem}")
+
+
 def _binary(kind: int, fields: tuple[Any, ...], payload: bytes | bytearray) -> bytes:
     encoded = [b"" if f is None else str(f).encode() for f in fields]
     for f in encoded:
@@ -133,17 +151,16 @@ class V1Serializer(Serializer):
     supports_binary = False
 
     def decode_text(self, data: bytes | str) -> Message:
-        try:
-            value = loads(data)
-        except ValueError:
-            raise ProtocolError("text frame is not valid JSON") from None
+        value = _parse(data)
         if not isinstance(value, dict):
             raise ProtocolError("expected a JSON object with topic, event, payload and ref")
         missing = [k for k in ("topic", "event", "payload", "ref") if k not in value]
         if missing:
             raise ProtocolError(f"message is missing {', '.join(missing)}")
         topic, event = value["topic"], value["event"]  # any JSON value, as for V2
-        return Message(value.get("join_ref"), value["ref"], topic, event, value["payload"])
+        join_ref, ref = value.get("join_ref"), value["ref"]
+        _check_refs(join_ref, ref)
+        return Message(join_ref, ref, topic, event, value["payload"])
 
     def decode_binary(self, data: bytes) -> Message:
         """Phoenix's V1 serializer reads a binary frame as it reads a text one."""

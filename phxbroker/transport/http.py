@@ -15,6 +15,7 @@ bytes. Everything else goes through h11 from its first byte, as before.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -23,7 +24,11 @@ import h11
 import httptools
 import trio
 
-from phxbroker.transport.sockets import RECV_SIZE, ClientSocket, recv_some, send_all
+from phxbroker.transport.sockets import RECV_SIZE, ClientSocket, recv_some, send_all, shutdown
+
+# After an early answer the unread body is drained for a moment (see refuse_body).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1_048_576
 
 REASONS = {
     101: b"Switching Protocols",
@@ -40,6 +45,7 @@ REASONS = {
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     503: b"Service Unavailable",
 }
 
@@ -64,6 +70,7 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
     # time.perf_counter() when its head was parsed: a connect's log line says how long after.
     received_at: float = field(default_factory=time.perf_counter)
+    http_version: str = "1.1"
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
@@ -122,7 +129,9 @@ def _add_header(headers: dict[str, str], key: str, text: str) -> None:
     headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
 
-def _request(method: str, target: str, headers: dict[str, str], remote: str) -> Request:
+def _request(
+    method: str, target: str, headers: dict[str, str], remote: str, http_version: str = "1.1"
+) -> Request:
     parts = urlsplit(target)
     return Request(
         method=method,
@@ -132,6 +141,7 @@ def _request(method: str, target: str, headers: dict[str, str], remote: str) -> 
         headers=headers,
         remote=remote,
         params=parse_query(parts.query),
+        http_version=http_version,
     )
 
 
@@ -218,6 +228,7 @@ class HttpConnection:
                 event.target.decode("ascii", "replace"),
                 headers,
                 self.remote,
+                event.http_version.decode("ascii"),
             )
         if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
             return None  # an idle keep-alive connection: just close it
@@ -367,6 +378,25 @@ class HttpConnection:
         )
         await send_all(self.sock, data)
         return self._http.trailing_data[0]
+
+    async def refuse_body(
+        self, status: int, body: bytes, *, content_type: str, headers: list[tuple[str, str]]
+    ) -> None:
+        """Answer before reading the request body (e.g. 413), then read and discard what
+        the client still sends, for a bounded time and amount, before closing: closing at
+        once would reset the connection and the client would never see the answer."""
+        await self.respond(status, body, content_type=content_type, headers=headers, close=True)
+        shutdown(self.sock, socket.SHUT_WR)
+        received = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                while received < LINGER_BYTES:
+                    data = await recv_some(self.sock)
+                    if not data:
+                        break
+                    received += len(data)
+            except OSError:
+                pass
 
     @property
     def keep_alive(self) -> bool:

@@ -33,7 +33,7 @@ from phxbroker.config.settings import LongPollConfig
 from phxbroker.protocol import close_codes
 from phxbroker.protocol.messages import ProtocolError
 from phxbroker.transport.admission import Admission, Refusal
-from phxbroker.transport.http import HttpConnection, Request
+from phxbroker.transport.http import BadRequest, HttpConnection, Request
 from phxbroker.transport.inbound import Inbound
 from phxbroker.transport.longpoll_sessions import LongPollSession, LongPollSessions
 from phxbroker.transport.sockets import ClientSocket
@@ -79,7 +79,18 @@ class LongPoll:
             await conn.respond(404, b"not found\n", content_type="text/plain")
             return
         limit = cfg.max_post_size if request.method == "POST" else 0
-        body = await conn.read_body(request, limit)
+        try:
+            body = await conn.read_body(request, limit)
+        except BadRequest as exc:
+            if exc.status != 413:
+                raise
+            # As the API does: an answer the client can read, not a reset connection.
+            self.stats.count_refusal("longpoll_post_too_big")
+            message = f"the request body is larger than {limit} bytes ([longpoll] max_post_size)"
+            await conn.refuse_body(
+                413, message.encode(), content_type="text/plain", headers=OPEN_HEADERS
+            )
+            return
         refusal = self.admission.check_origin(request)
         if refusal is not None:
             await self._refuse(conn, request, refusal)

@@ -138,6 +138,10 @@ class LongPollSession:
         else:
             self._owner.stats.longpoll_binary_dropped += 1
 
+    @property
+    def open(self) -> bool:
+        return not self.closed
+
     def close(self, code: int = close_codes.GOING_AWAY, reason: str = "") -> None:
         """End the session: the broker forgets it, a held GET is answered with what is
         still queued, or with 410 (session gone) when nothing is."""

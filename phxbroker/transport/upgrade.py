@@ -121,6 +121,8 @@ def auth_token_from_subprotocols(offered: list[str]) -> str | None:
 
 def upgrade_problem(request: Request) -> str | None:
     """Why this is not a valid websocket upgrade request, or None."""
+    if request.http_version != "1.1":
+        return f"a websocket upgrade needs HTTP/1.1 (RFC 6455), not HTTP/{request.http_version}"
     connection = [t.strip().lower() for t in request.header("connection").split(",")]
     if "upgrade" not in connection:
         got = json.dumps([v for v in [request.header("connection")] if v])

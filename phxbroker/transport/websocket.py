@@ -96,6 +96,10 @@ class WebSocketPeer:
 
     # -- the broker's side ---------------------------------------------------------------
 
+    @property
+    def open(self) -> bool:
+        return self.state == OPEN
+
     def send(self, encoded: tuple[bool, bytes]) -> None:
         is_binary, data = encoded
         self.hub.stats.messages_out += 1
