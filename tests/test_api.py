@@ -167,7 +167,7 @@ async def test_requests_without_a_valid_key_get_401(headers, challenge) -> None:
         (b"", ("empty",)),
         (b"[1, 2]", ("JSON object", "array")),
         (b'{"event": "e", "payload": {}}', ('"topic"', "required")),
-        (b'{"topic": 5, "event": "e"}', ('"topic"', "string", "number")),
+        (b'{"topic": 5, "event": "e"}', ('"topic"', "string", "an integer")),
         (b'{"topic": "", "event": "e"}', ('"topic"', "non-empty")),
         (b'{"topic": "room:a", "event": null}', ('"event"', "required")),
         (b'{"topic": "room:a", "event": "e", "payload": [1]}', ('"payload"', "object")),

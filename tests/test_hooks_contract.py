@@ -72,7 +72,7 @@ def test_answers_in_every_documented_shape_are_read() -> None:
 
 MALFORMED = [
     (parse_connect, b"not json", "not JSON"),
-    (parse_connect, [], "must be a JSON object, not a list"),
+    (parse_connect, [], "must be a JSON object, not an array"),
     (parse_connect, {"status": "yes"}, '"status" must be "ok" or "error"'),
     (parse_connect, {"status": "ok", "user": 5}, '"user" must be a short non-empty string'),
     (parse_connect, {"status": "ok", "user": ""}, '"user" must be a short non-empty string'),

@@ -262,7 +262,7 @@ def test_custom_user_claim_accepts_strings_and_integers(value, expected):
     [
         (True, "a boolean"),
         (1.5, "a fractional number"),
-        (["alice"], "a list"),
+        (["alice"], "an array"),
         ({"id": 1}, "an object"),
     ],
 )

@@ -22,6 +22,7 @@ from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 from phxbroker.auth.phoenix_token import TokenError, three_part_token
+from phxbroker.protocol.messages import describe_json
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "HMAC_ALGORITHMS", "JwtVerifier", "TokenError"]
 
@@ -284,7 +285,7 @@ def _algorithm_refusal(token: str, allowed: str) -> TokenError:
 
 def _user_id(value: Any, claim: str) -> str:
     if isinstance(value, bool) or value is None:
-        kind = "null" if value is None else "a boolean"
+        kind = describe_json(value)
     elif isinstance(value, int):
         try:
             return str(value)
@@ -303,9 +304,7 @@ def _user_id(value: Any, claim: str) -> str:
             raise TokenError(f"token claim {claim!r} is not valid Unicode text") from None
         return value
     else:
-        kind = {float: "a fractional number", list: "a list", dict: "an object"}.get(
-            type(value), "not text"
-        )
+        kind = describe_json(value)
     raise TokenError(f"token claim {claim!r} is {kind}, not a string or integer user id")
 
 

@@ -28,7 +28,6 @@ would tell systemd and its reload answers, down it go `reload`, `drain` and `hur
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -52,7 +51,7 @@ from phxbroker.ops.control import ControlServer, ControlSocketError
 from phxbroker.ops.control_protocol import AdminError, AdminProtocolError, LineBuffer
 from phxbroker.ops.notify import Notifier
 from phxbroker.ops.report import TOP_TOPICS, rss_bytes
-from phxbroker.transport.listener import StartupError
+from phxbroker.transport.listener import StartupError, cannot_listen
 
 __all__ = ["StartupError", "Supervisor", "merge_reports"]
 
@@ -192,12 +191,7 @@ class Supervisor:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            reason = (
-                "the address is already in use"
-                if exc.errno == errno.EADDRINUSE
-                else (exc.strerror or str(exc)).lower()
-            )
-            raise StartupError(f"cannot listen on {shown}: {reason}") from None
+            raise cannot_listen(shown, exc) from None
         self.listen_port = sock.getsockname()[1]
         return sock
 

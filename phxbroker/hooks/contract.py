@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from phxbroker.broker.outside import EventAnswer, JoinAnswer, JSONObject, Publish, Push
+from phxbroker.protocol.messages import describe_json
 
 MAX_MESSAGES = 100  # pushes or broadcasts in one answer
 STOPS = ("close", "error")
@@ -124,14 +125,14 @@ def _object(data: bytes, kind: str) -> JSONObject:
     except orjson.JSONDecodeError:
         raise ContractError(f"the {kind} answer is not JSON") from None
     if not isinstance(value, dict):
-        raise ContractError(f"the {kind} answer must be a JSON object, not {_kind(value)}")
+        raise ContractError(f"the {kind} answer must be a JSON object, not {describe_json(value)}")
     return value
 
 
 def _optional_object(answer: JSONObject, key: str, where: str) -> JSONObject | None:
     value = answer.get(key)
     if value is not None and not isinstance(value, dict):
-        raise ContractError(f'{where}\'s "{key}" must be an object, not {_kind(value)}')
+        raise ContractError(f'{where}\'s "{key}" must be an object, not {describe_json(value)}')
     return value
 
 
@@ -149,13 +150,13 @@ def _messages(answer: JSONObject, key: str, where: str) -> list[JSONObject]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ContractError(f'{where}\'s "{key}" must be a list, not {_kind(value)}')
+        raise ContractError(f'{where}\'s "{key}" must be a list, not {describe_json(value)}')
     if len(value) > MAX_MESSAGES:
         raise ContractError(f'{where}\'s "{key}" holds more than {MAX_MESSAGES} messages')
     for index, item in enumerate(value):
         at = f'{where}\'s "{key}"[{index}]'
         if not isinstance(item, dict):
-            raise ContractError(f"{at} must be an object, not {_kind(item)}")
+            raise ContractError(f"{at} must be an object, not {describe_json(item)}")
         event = item.get("event")
         if not isinstance(event, str) or not event or len(event) > 255:
             raise ContractError(f'{at} needs an "event" (a non-empty string)')
@@ -182,20 +183,6 @@ def _broadcasts(answer: JSONObject, where: str) -> tuple[Publish, ...]:
             raise ContractError(f'{at}\'s "except_self" must be true or false')
         out.append(Publish(item["event"], item.get("payload", {}), topic, except_self))
     return tuple(out)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
 
 
 def _shown(value: Any) -> str:

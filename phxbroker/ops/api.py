@@ -16,26 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
-
-import trio
 
 from phxbroker.broker.stats import Stats
 from phxbroker.config.settings import ApiConfig
 from phxbroker.protocol import messages
+from phxbroker.protocol.messages import describe_json
 from phxbroker.transport.http import BadRequest, HttpConnection, Request
-from phxbroker.transport.sockets import ClientSocket, recv_some, shutdown
 
 log = logging.getLogger("phxbroker.api")
 
 PREFIX = "/api/"
 JSON = "application/json"
-# After an early answer (401, 404, 405, 413) the unread body is drained for a moment, so
-# closing does not reset the connection before the client has read the answer.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 16 * 1_048_576
 
 
 class ApiError(Exception):
@@ -146,11 +139,10 @@ class Api:
 
     async def answer_error(self, conn: HttpConnection, error: ApiError, body_read: bool) -> None:
         body = messages.dumps({"error": str(error)})
-        await conn.respond(
-            error.status, body, content_type=JSON, headers=error.headers, close=not body_read
-        )
-        if not body_read:
-            await _drain_and_close(conn.sock)
+        if body_read:
+            await conn.respond(error.status, body, content_type=JSON, headers=error.headers)
+        else:
+            await conn.refuse_body(error.status, body, content_type=JSON, headers=error.headers)
 
     def authorize(self, request: Request) -> str:
         """The name of the key the request carries; ApiError 401 (or 404 if the API is off)."""
@@ -221,7 +213,9 @@ def _parse_body(raw: bytes) -> Any:
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
     if not isinstance(document, dict):
-        raise ApiError(400, f"the request body must be a JSON object, not {_kind(document)}")
+        raise ApiError(
+            400, f"the request body must be a JSON object, not {describe_json(document)}"
+        )
     return document
 
 
@@ -238,7 +232,9 @@ class _Fields:
         if value is None:
             raise ApiError(400, f'field "{name}" is required')
         if not isinstance(value, str) or not value:
-            raise ApiError(400, f'field "{name}" must be a non-empty string, not {_kind(value)}')
+            raise ApiError(
+                400, f'field "{name}" must be a non-empty string, not {describe_json(value)}'
+            )
         return value
 
     def object(self, name: str) -> dict[str, Any]:
@@ -246,40 +242,10 @@ class _Fields:
         self.seen.add(name)
         value = self.document.get(name, {})
         if not isinstance(value, dict):
-            raise ApiError(400, f'field "{name}" must be a JSON object, not {_kind(value)}')
+            raise ApiError(400, f'field "{name}" must be a JSON object, not {describe_json(value)}')
         return value
 
     def done(self) -> None:
         for name in self.document:
             if name not in self.seen:
                 raise ApiError(400, f'unknown field "{name}"')
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "an empty string" if not value else "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-async def _drain_and_close(sock: ClientSocket) -> None:
-    """Half-close and read what the client still sends (bounded), so that closing does
-    not reset the connection before the client has read our answer."""
-    shutdown(sock, socket.SHUT_WR)
-    received = 0
-    with trio.move_on_after(LINGER_SECONDS):
-        try:
-            while received < LINGER_BYTES:
-                data = await recv_some(sock)
-                if not data:
-                    break
-                received += len(data)
-        except OSError:
-            pass

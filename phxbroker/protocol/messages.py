@@ -143,19 +143,28 @@ def ref_problem(ref: Any) -> str | None:
         if _INT_MIN <= ref < _INT_END:
             return None
         return "an integer beyond 64 bits"
-    return f"a {_json_kind(ref)}, not a string, integer or null"
+    return f"{describe_json(ref)}, not a string, integer or null"
 
 
-def _json_kind(value: Any) -> str:
+def describe_json(value: Any) -> str:
+    """What kind of JSON value `value` is, for an error sentence: "null", "a boolean",
+    "an integer", "a fractional number", "an empty string", "a string", "an array" or
+    "an object"."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
-        return "boolean"
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
     if isinstance(value, float):
-        return "fractional number"
+        return "a fractional number"
+    if isinstance(value, str):
+        return "a string" if value else "an empty string"
     if isinstance(value, list):
-        return "array"
+        return "an array"
     if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def dumps(value: Any) -> bytes:

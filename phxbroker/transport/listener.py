@@ -39,6 +39,16 @@ class StartupError(Exception):
     """The daemon cannot start (e.g. the port is taken); one sentence for the operator."""
 
 
+def cannot_listen(address: str, exc: OSError) -> StartupError:
+    """The one sentence for a listening socket that could not be bound."""
+    reason = (
+        "the address is already in use"
+        if exc.errno == errno.EADDRINUSE
+        else (exc.strerror or str(exc)).lower()
+    )
+    return StartupError(f"cannot listen on {address}: {reason}")
+
+
 class Listener:
     """The listening socket and the task of every connection accepted on it."""
 
@@ -79,12 +89,7 @@ class Listener:
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            reason = (
-                "the address is already in use"
-                if exc.errno == errno.EADDRINUSE
-                else (exc.strerror or str(exc)).lower()
-            )
-            raise StartupError(f"cannot listen on {cfg.listen}: {reason}") from None
+            raise cannot_listen(cfg.listen, exc) from None
         sock.setblocking(False)
         self._sock = sock
         self.address = sock.getsockname()[:2]
