@@ -49,6 +49,8 @@ class ClusterScenario:
     loadgen_args: str
     timeout: float
     nodes: int
+    # The report's sections pick scenarios by kind; cluster runs have their own section.
+    kind: str = "cluster"
 
     @property
     def args(self) -> list[str]:
