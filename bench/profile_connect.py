@@ -82,7 +82,7 @@ PASS = "(look further out)"
 GC = "garbage collection"
 ACCEPT = "accept (accept4, socket object, connection task set-up)"
 SPAWN = "task start (trio spawn)"
-HTTP = "HTTP request parsing (h11)"
+HTTP = "HTTP request parsing (httptools for an upgrade, h11 otherwise)"
 HANDSHAKE = "websocket handshake (checks, accept token, 101 response)"
 AUTH = "authentication and admission (token, origin, limits)"
 FRAMES = "websocket frames in and message decoding (wsproto, JSON)"
@@ -168,8 +168,11 @@ RULES: list[tuple[str, str, set[str] | str]] = [
     (REPLY, "phxbroker:websocket", {"send", "deliver", "_write", "flush", "_drain"}),
     (REPLY, "phxbroker:websocket", {"encode_frame", "close_frame"}),
     (REPLY, "phxbroker:sockets", {"flush"}),
-    (FRAMES, "phxbroker:websocket", {"run", "_on_message"}),
+    (FRAMES, "phxbroker:websocket", {"run", "_receive", "_on_message"}),
+    (FRAMES, "phxbroker:messages", "*"),
+    (HANDSHAKE, "phxbroker:websocket", {"WebSockets.opened"}),
     (FRAMES, "phxbroker:protocol", {"decode_text", "decode_binary", "decode", "loads"}),
+    (FRAMES, "phxbroker:serializers", "*"),
     (JOIN, "phxbroker:server", {"run_peer", "_run_broker", "_tell_broker", "_run_command"}),
     (JOIN, "phxbroker:broker", "*"),
     (JOIN, "phxbroker:topics", "*"),

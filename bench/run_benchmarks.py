@@ -1408,6 +1408,12 @@ def profile_report(scenarios: list[Scenario], main_runs: dict[str, list[RunResul
         if top:
             lines += ["", 'The frames most often left in "other" (first run):', ""]
             lines += [f"- {e['samples']} samples: `{e['frame']}`" for e in top]
+        lines += [
+            "",
+            "The changes that took the connect path here, each measured on its own, and "
+            "what is left with the design that would go further: bench/CONNECT_COST.md. "
+            "The ablation rows below take each of them out of this code again.",
+        ]
     return lines
 
 
