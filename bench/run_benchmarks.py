@@ -62,13 +62,13 @@ outbox_limit = 67_108_864
 allow_anonymous = true
 
 [limits]
-# All 10,001 connections come from 127.0.0.1, and the publishing client pushes
-# far faster than a person: no per-address or per-connection limits. The frame
-# budget stays as shipped for the hostile-client runs (it is what they measure)
-# and is off for the others, whose publisher stands in for many clients.
+# All 10,001 connections come from 127.0.0.1: no per-address limits. The
+# publishing client pushes far faster than a person, so the per-connection
+# budgets are off, except in the hostile-client runs, whose publisher sends
+# 20 messages/s: those keep the shipped budgets (they are what they measure).
 max_connections = 0
 max_connections_per_ip = 0
-message_rate = 0
+message_rate = {message_rate}
 frame_rate = {frame_rate}
 
 [admin]
@@ -117,7 +117,7 @@ class Scenario:
     loadgen_args: str
     timeout: float
     kind: str = "loadgen"
-    shipped_frame_budget: bool = False  # the server keeps the default frame_rate
+    shipped_limits: bool = False  # the server keeps the default message_rate and frame_rate
 
     @property
     def args(self) -> list[str]:
@@ -215,7 +215,7 @@ def hostile_scenarios(args: str, load: str, timeout: float) -> list[Scenario]:
             f"no flood (baseline): {load}",
             args,
             timeout,
-            shipped_frame_budget=True,
+            shipped_limits=True,
         ),
         *(
             Scenario(
@@ -223,7 +223,7 @@ def hostile_scenarios(args: str, load: str, timeout: float) -> list[Scenario]:
                 f"one client floods: {what}; {load}",
                 f"{args} --flood {kind}",
                 timeout,
-                shipped_frame_budget=True,
+                shipped_limits=True,
             )
             for kind, what in FLOODS.items()
         ),
@@ -669,18 +669,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SHIPPED_FRAME_RATE = 10_000  # phxbroker's default [limits] frame_rate
-SHIPPED_LIMITS_CONFIG = "bench-shipped-frame-budget.toml"
+# phxbroker's default [limits] message_rate and frame_rate
+SHIPPED_MESSAGE_RATE = 100
+SHIPPED_FRAME_RATE = 10_000
+SHIPPED_LIMITS_CONFIG = "bench-shipped-limits.toml"
 
 
-def bench_config(frame_rate: int = 0) -> str:
-    """The benchmark config; frame_rate 0 turns the per-connection frame budget off."""
-    return SERVER_CONFIG.format(api_key=API_KEY, frame_rate=frame_rate)
+def bench_config(message_rate: int = 0, frame_rate: int = 0) -> str:
+    """The benchmark config; a rate of 0 turns that per-connection budget off."""
+    return SERVER_CONFIG.format(api_key=API_KEY, message_rate=message_rate, frame_rate=frame_rate)
 
 
 def scenario_config(sc: Scenario, config_path: Path) -> Path:
     """The config a scenario's server runs with (written next to `config_path`)."""
-    return config_path.parent / SHIPPED_LIMITS_CONFIG if sc.shipped_frame_budget else config_path
+    return config_path.parent / SHIPPED_LIMITS_CONFIG if sc.shipped_limits else config_path
 
 
 def config_on_port(port: int) -> str:
@@ -1134,7 +1136,8 @@ def report(runs: list[RunResult], scenarios: list[Scenario], opts, invocation: s
         "(The reconnect storm's servers use the same config listening on a fixed free port, "
         "so that the restarted one takes the port of the drained one; the profile's run "
         "under `bench/serve_gc_timed.py`, which times garbage collections. The hostile-client "
-        f"runs keep the shipped frame budget, `frame_rate = {SHIPPED_FRAME_RATE}`.)",
+        "runs keep the shipped per-connection budgets, "
+        f"`message_rate = {SHIPPED_MESSAGE_RATE}` and `frame_rate = {SHIPPED_FRAME_RATE}`.)",
         "",
         "## How the figures are taken",
         "",
@@ -1580,7 +1583,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config_path = Path(tmp) / "bench.toml"
         config_path.write_text(bench_config())
-        (config_path.parent / SHIPPED_LIMITS_CONFIG).write_text(bench_config(SHIPPED_FRAME_RATE))
+        (config_path.parent / SHIPPED_LIMITS_CONFIG).write_text(
+            bench_config(SHIPPED_MESSAGE_RATE, SHIPPED_FRAME_RATE)
+        )
         # A scenario's runs with and without each optimisation alternate, so that a box
         # whose speed drifts over the half hour cannot pass for an optimisation's effect.
         plan: list[tuple[Scenario, int, Ablation | None]] = []

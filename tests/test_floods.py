@@ -103,3 +103,29 @@ async def test_a_message_in_a_few_fragments_is_still_a_message() -> None:
             await raw.send_raw(bytes([final | opcode, 0x80 | len(piece)]) + mask + body)
         reply = await raw.next_event()
         assert reply.data == '[null,"1","phoenix","phx_reply",{"status":"ok","response":{}}]'
+
+
+async def test_what_a_client_sends_after_we_closed_it_is_not_parsed() -> None:
+    limits = """
+message_rate = 1
+message_burst = 1
+rate_limit_close_after = 1
+frame_rate = 100
+frame_burst = 50
+"""
+    config = CONFIG.replace(
+        "message_rate = 0  # messages unmetered: the frame budget alone must hold\n", ""
+    )
+    async with serve(config.format(limits=limits)) as (server, port):
+        raw = await RawWebSocket.connect(port)
+        push = masked_frame(0x1, b'["1","1","room:a","hi",{}]')
+        # The third push is the second refused in a row: the server closes with 1008. The
+        # pings behind it in the same write would spend the frame budget (50) if parsed.
+        await raw.send_raw(push * 3 + PING * 200)
+        with trio.fail_after(TIMEOUT):
+            while not isinstance(event := await raw.next_event(), CloseConnection):
+                pass
+        assert event.code == 1008
+        assert server.stats.refusals["rate_limit_close"] == 1
+        assert server.stats.refusals.get("frame_flood", 0) == 0
+        await roundtrip_ok(port)

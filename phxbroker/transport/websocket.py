@@ -219,10 +219,10 @@ class WebSocketPeer:
 
         Every frame (pings and the pieces of a fragmented message included) spends from
         the connection's frame budget, and a message may come in at most max_fragments
-        frames: a client over either is closed with 1008, and what it sends after is read
-        and dropped unparsed. The reader yields to other tasks before a read that does not
-        wait and every EVENTS_PER_TURN frames, so a client that keeps its socket full cannot
-        hold the event loop."""
+        frames: a client over either is closed with 1008. Once we are closing a client
+        (a limit, a kick, a drain), what it sends is read and dropped unparsed. The reader
+        yields to other tasks before a read that does not wait and every EVENTS_PER_TURN
+        frames, so a client that keeps its socket full cannot hold the event loop."""
         websockets.opened(self)
         try:
             await websockets.register(self)
@@ -283,14 +283,19 @@ class WebSocketPeer:
         budget: TokenBucket | None,
     ) -> bool:
         """Parse what was read and handle each complete message, in order; False once a
-        close frame came, the client broke the protocol or went over its frame budget
-        (then nothing after is parsed)."""
+        close frame came, the client broke the protocol or went over a budget, or we
+        started closing it (then nothing after is parsed)."""
         frames.receive_bytes(data)
         hub = self.hub
         limit = hub.max_frame_size
         inbound = websockets.inbound
         try:
             for handled, frame in enumerate(frames.received_frames(), 1):
+                if self.state != OPEN:
+                    # We are closing it (a limit, a kick, a drain): nothing it sends now
+                    # is answered, so the rest is read and dropped unparsed, and a client
+                    # flooding past its close costs a recv per read, not a parse per frame.
+                    return False
                 if handled % EVENTS_PER_TURN == 0:
                     await trio.lowlevel.checkpoint()  # a read full of tiny frames
                 if budget is not None and not budget.take(hub.now):
@@ -302,8 +307,6 @@ class WebSocketPeer:
                     or opcode is Opcode.BINARY
                     or (opcode is Opcode.CONTINUATION)
                 ):
-                    if self.state != OPEN:
-                        continue
                     fragments = self.fragments
                     size = len(frame.payload) + (sum(map(len, fragments)) if fragments else 0)
                     if size > limit:
