@@ -196,6 +196,7 @@ def run_cluster_one(
     server_process: Any,
     pinned: Any,
     loadgen: Path,
+    loadgen_result: Any,
     env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[str], list[str], str]:
     """One run: Redis, the nodes, the generator; returns (result, generator command,
@@ -233,17 +234,7 @@ def run_cluster_one(
             ],
         )
         before = redis.publish_calls()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scenario.timeout)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if not lines:
-                raise RuntimeError(
-                    f"the load generator printed no result (exit {proc.returncode}): "
-                    f"{proc.stderr.strip()[-500:]}"
-                )
-            result = json.loads(lines[-1])
-        except subprocess.TimeoutExpired:
-            result = {"error": f"the load generator did not finish within {scenario.timeout:g} s"}
+        result = loadgen_result(cmd, scenario.timeout)
         publishes = redis.publish_calls() - before
         sent = result.get("broadcasts_sent") or 0
         result["redis_publishes"] = publishes

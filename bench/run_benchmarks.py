@@ -594,6 +594,27 @@ def server_command(target: str, config_path: Path) -> list[str]:
     return pinned(0, [sys.executable, "-m", "phxbroker", "serve", "--config", str(config_path)])
 
 
+def loadgen_result(cmd: list[str], timeout: float) -> dict:
+    """Run the load generator: its result, or an error result if it did not finish
+    within `timeout` seconds. Raises RuntimeError if it printed no result."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the load generator did not finish within {timeout:g} s"}
+    return printed_result(done)
+
+
+def printed_result(done: subprocess.CompletedProcess) -> dict:
+    """The result a finished load generator printed: its last JSON line."""
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(
+            f"the load generator printed no result (exit {done.returncode}): "
+            f"{done.stderr.strip()[-500:]}"
+        )
+    return json.loads(lines[-1])
+
+
 def run_one(
     scenario: Scenario,
     run: int,
@@ -632,16 +653,7 @@ def run_one(
     )
     problems = []
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scenario.timeout)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise RuntimeError(
-                f"the load generator printed no result (exit {proc.returncode}): "
-                f"{proc.stderr.strip()[-500:]}"
-            )
-        result = json.loads(lines[-1])
-    except subprocess.TimeoutExpired:
-        result = {"error": f"the load generator did not finish within {scenario.timeout:g} s"}
+        result = loadgen_result(cmd, scenario.timeout)
     finally:
         code = server.stop()
     if code not in (0, None):
@@ -888,6 +900,7 @@ def run_cluster(sc, run: int, opts, config_path: Path, out_dir: Path, tmp: Path)
         ServerProcess,
         pinned,
         LOADGEN,
+        loadgen_result,
         env,
     )
     return RunResult(sc.name, run, result, cmd, log_path, problems)

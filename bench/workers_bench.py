@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from cluster_bench import RedisForBench  # noqa: E402 - beside this file
 from procstat import process_cpu_seconds  # noqa: E402
-from run_benchmarks import LOADGEN, ServerProcess, bench_config  # noqa: E402
+from run_benchmarks import LOADGEN, ServerProcess, bench_config, printed_result  # noqa: E402
 
 SERVERS = ("one", "one-cluster", "workers2")
 CLUSTER = """
@@ -128,13 +128,7 @@ def run_one(
         server_cpu0, redis_cpu0, t0 = cpu(pids), cpu(redis_pid), time.monotonic()
         done = subprocess.run(loadgen, capture_output=True, text=True, timeout=timeout)
         wall = time.monotonic() - t0
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise RuntimeError(
-                f"the load generator printed no result (exit {done.returncode}): "
-                f"{done.stderr.strip()[-500:]}"
-            )
-        result: dict[str, Any] = json.loads(lines[-1])
+        result: dict[str, Any] = printed_result(done)
         # Over the whole generator run, connects and warm-up included.
         server_cpu = cpu(pids) - server_cpu0
         result["server_cores"] = round(server_cpu / wall, 3)
