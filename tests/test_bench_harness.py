@@ -8,6 +8,7 @@ here that counts every frame, and the profile classifier on synthetic stacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -373,7 +374,9 @@ class FrameCountingServer:
             handler.start()
 
     def _serve(self, sock: socket.socket, conn: dict) -> None:
-        with sock:
+        # A flooder may reset its connection while a pong or our close is on the way: that
+        # ends the connection as a failed read does, not the thread with a traceback.
+        with sock, contextlib.suppress(ConnectionError):
             sock.settimeout(20)
             data = b""
             while b"\r\n\r\n" not in data:
